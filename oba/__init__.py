@@ -1,0 +1,1 @@
+"""oba: Hessian-based neural-network pruning (Optimal Brain Apoptosis and the OBD/OBS family)."""
