@@ -1,0 +1,178 @@
+"""Compute cost (MACs, FLOPs) and parameter counts of a model, without running real compute.
+
+Convention. FLOPs are those of :class:`torch.utils.flop_counter.FlopCounterMode`: matrix
+multiplications (``mm``, ``addmm``, ``bmm``, ``baddbmm``), convolutions and fused attention,
+each multiply-accumulate counting 2 FLOPs. Element-wise work (bias additions, BatchNorm,
+LayerNorm, activations, softmax, pooling, residual additions) is not counted, as in the
+pruning literature's MAC tables. Hence ``macs = flops // 2``, the number usually quoted as
+"FLOPs" in papers (e.g. ResNet-50: 4.1 G).
+
+Counting runs one forward pass (in eval mode, without autograd) on a deep copy of the model,
+by default on the ``meta`` device, where tensors have shapes but no data: a ViT-B/16 counts in
+about a second and the caller's model is never touched. Because only shapes matter, this
+works equally for models whose layers were shrunk by torch-pruning.
+
+Parameters are counted over ``model.parameters()``: all of them, trainable or frozen, each
+shared tensor once. For layers wrapped by :mod:`torch.nn.utils.prune` this counts
+``weight_orig`` (a parameter) and not ``weight_mask`` (a buffer), i.e. the effective weight's
+size once; :attr:`FlopCount.nonzero_params` counts the unmasked nonzero entries.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params"]
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Cost of one forward pass of the given inputs (the whole batch, not per sample).
+
+    Attributes:
+        macs: multiply-accumulates of matmuls, convolutions and attention (``flops // 2``).
+        flops: floating-point operations as counted by ``FlopCounterMode`` (2 per MAC).
+        params: parameter entries, all of them (see the module docstring).
+        nonzero_params: nonzero entries of the effective parameters (``weight_orig * mask``
+            for pruned layers); ``None`` when the model lives on the meta device.
+    """
+
+    macs: int
+    flops: int
+    params: int
+    nonzero_params: int | None = None
+
+
+def count_flops(
+    model: nn.Module,
+    inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size,
+    device: str | torch.device | None = "meta",
+) -> FlopCount:
+    """Count MACs, FLOPs and parameters of ``model`` on the given input.
+
+    Args:
+        model: any module; it is deep-copied, never modified, moved or run.
+        inputs_or_shape: an input shape including the batch dimension, e.g. ``(1, 3, 32, 32)``
+            (a float tensor of that shape is used), or an input tensor, or a sequence of input
+            tensors passed as positional arguments.
+        device: where the copy runs: ``"meta"`` (default, no real compute), another device
+            (for models with data-dependent control flow), or ``None`` for the model's own
+            device. Hooks registered on the model are copied along and run on the copy.
+
+    Returns:
+        A :class:`FlopCount` for one forward pass of the whole batch.
+    """
+    replica = _replicate(model, device)
+    target, dtype = _device_and_dtype(replica)
+    replica_inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        replica(*replica_inputs)
+    flops = counter.get_total_flops()
+    return FlopCount(
+        macs=flops // 2,
+        flops=flops,
+        params=count_params(model),
+        nonzero_params=count_nonzero_params(model),
+    )
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameter entries of ``model`` (trainable or not, shared ones once; masks excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int | None:
+    """Nonzero entries of the effective parameters; ``weight_orig`` counts through its mask.
+
+    Returns ``None`` if any parameter is on the meta device (no values to inspect).
+    """
+    seen: set[int] = set()
+    total = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if param.is_meta:
+                    return None
+                mask = _prune_mask(module, name)
+                effective = param if mask is None else param * mask
+                total += int(torch.count_nonzero(effective))
+    return total
+
+
+def _prune_mask(module: nn.Module, param_name: str) -> Tensor | None:
+    """The ``torch.nn.utils.prune`` mask of ``<name>_orig``, if ``param_name`` is one."""
+    if not param_name.endswith("_orig"):
+        return None
+    return module._buffers.get(param_name[: -len("_orig")] + "_mask")
+
+
+def _as_inputs(inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size,
+               dtype: torch.dtype) -> list[Tensor]:
+    """Input tensors; a shape becomes a meta tensor of the model's floating dtype."""
+    if isinstance(inputs_or_shape, Tensor):
+        return [inputs_or_shape]
+    items = list(inputs_or_shape)
+    if items and all(isinstance(item, Tensor) for item in items):
+        return items
+    if items and all(isinstance(item, int) for item in items):
+        return [torch.empty(items, dtype=dtype, device="meta")]
+    raise TypeError("inputs_or_shape must be a shape (ints, batch dimension included), "
+                    f"a tensor, or a sequence of tensors; got {inputs_or_shape!r}")
+
+
+def _replicate(model: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """An eval-mode deep copy of ``model`` on ``device`` (its own device if ``None``).
+
+    Parameters and buffers are mapped to ``device`` while copying, so a CPU or GPU model is
+    never duplicated in its own memory on the way to the meta device.
+    """
+    memo: dict[int, object] = {}
+    if device is not None:
+        device = torch.device(device)
+        if device.type != "meta" and any(t.is_meta for t in [*model.parameters(),
+                                                             *model.buffers()]):
+            raise ValueError(f"a model on the meta device has no values to copy to {device}; "
+                             "count it with device='meta'")
+        for param in model.parameters():
+            if param.device != device:
+                memo[id(param)] = nn.Parameter(param.detach().to(device),
+                                               requires_grad=param.requires_grad)
+        for buffer in model.buffers():
+            if buffer.device != device:
+                memo[id(buffer)] = buffer.detach().to(device)
+    for module in model.modules():
+        # Plain tensor attributes, such as the ``weight = weight_orig * weight_mask`` that
+        # torch.nn.utils.prune recomputes before each forward, may be non-leaf tensors, which
+        # deepcopy refuses; copy their values instead.
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and id(value) not in memo:
+                target = value.device if device is None else device
+                memo[id(value)] = value.detach().to(target, copy=True)
+    replica = copy.deepcopy(model, memo)
+    return replica.eval()
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device of the model's first tensor and its first floating-point dtype."""
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+    return device, dtype
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device``; meta tensors stand in for data, so a meta input becomes zeros."""
+    if device.type == "meta":
+        return torch.empty_like(x, device="meta")
+    if x.is_meta:
+        return torch.zeros(x.shape, dtype=x.dtype, device=device)
+    return x.to(device)

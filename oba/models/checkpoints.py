@@ -1,0 +1,204 @@
+"""Safe, strict checkpoint loading.
+
+Every checkpoint is read with ``torch.load(..., weights_only=True)``: the unpickler only rebuilds
+tensors, containers and primitive types, plus the few classes a caller allowlists explicitly
+(for example the optimizer *class* object pickled inside the MNIST MLPNet checkpoint). Arbitrary
+code in a checkpoint therefore never runs.
+
+Loading into a model is always strict. Instead of PyTorch's generic message, a mismatch raises
+:class:`CheckpointError` naming the file, the format that was expected, and every missing key,
+unexpected key and shape mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "get_entry",
+    "get_state_dict",
+    "load_state_dict_strict",
+    "read_torch_file",
+    "strip_prefix",
+]
+
+_MAX_KEYS_SHOWN = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, has an unexpected layout, or does not fit the model."""
+
+
+def read_torch_file(
+    path: str | os.PathLike,
+    *,
+    expected: str,
+    allowed_globals: Iterable[Any] = (),
+) -> Any:
+    """Read a file saved with ``torch.save`` onto the CPU, with ``weights_only=True``.
+
+    Args:
+        path: the checkpoint file.
+        expected: a short description of the expected format, quoted in error messages.
+        allowed_globals: classes or functions the file may reference besides tensors and
+            containers (passed to :func:`torch.serialization.safe_globals`). Keep it minimal.
+
+    Returns:
+        The unpickled object, every tensor on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a torch checkpoint, is truncated or corrupt, or needs
+            a global that is not allowlisted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
+            AttributeError, TypeError, IndexError) as err:
+        raise CheckpointError(
+            f"could not read {path} as a PyTorch checkpoint (expected {expected}); "
+            f"the file is corrupt, truncated, not a torch.save file, or references a class "
+            f"that is not allowlisted. torch.load said: {_essence(err)}"
+        ) from err
+
+
+def get_entry(obj: Any, key: str, *, path: str | os.PathLike, expected: str) -> Any:
+    """``obj[key]`` for a checkpoint dict, or a :class:`CheckpointError` describing the layout."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected {expected}, but the file holds a {type(obj).__name__}"
+        )
+    if key not in obj:
+        raise CheckpointError(
+            f"{path}: expected {expected}, but the dict has no key {key!r} "
+            f"(its keys: {_preview(obj.keys())})"
+        )
+    return obj[key]
+
+
+def get_state_dict(
+    checkpoint: Any,
+    key: str,
+    *,
+    path: str | os.PathLike,
+    expected: str,
+    prefix: str = "module.",
+) -> dict[str, Tensor]:
+    """The state dict stored under ``checkpoint[key]``, with ``prefix`` stripped from its keys.
+
+    Raises:
+        CheckpointError: ``checkpoint`` is not a dict, lacks ``key``, or ``checkpoint[key]`` is
+            not a dict of tensors.
+    """
+    state_dict = get_entry(checkpoint, key, path=path, expected=expected)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(
+            f"{path}: expected {expected}, but {key!r} holds a {type(state_dict).__name__}"
+        )
+    return strip_prefix(state_dict, prefix)
+
+
+def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    """Remove ``prefix`` (e.g. the ``module.`` left by ``nn.DataParallel``) from every key that has it."""
+    return {
+        (key.removeprefix(prefix)): value
+        for key, value in state_dict.items()
+    }
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str | os.PathLike,
+    expected: str,
+) -> None:
+    """Copy ``state_dict`` into ``model``, requiring exactly the model's keys and shapes.
+
+    Args:
+        model: the model to fill in place.
+        state_dict: parameter and buffer tensors keyed like ``model.state_dict()``.
+        source: where the tensors came from (a file path), for error messages.
+        expected: the expected checkpoint format, for error messages.
+
+    BatchNorm's ``num_batches_tracked`` counter is the one key that may be absent (checkpoints
+    saved before PyTorch 0.4.1 lack it; PyTorch fills it in the same way); the model keeps its
+    own value. Every other parameter and buffer must be present with the model's shape.
+
+    Raises:
+        CheckpointError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    for key in _batchnorm_counters(model):
+        if key not in state_dict:  # checkpoints saved before PyTorch 0.4.1 lack the counter
+            state_dict[key] = own[key].clone()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    not_tensors = [k for k in state_dict if not isinstance(state_dict[k], Tensor)]
+    if missing or unexpected or mismatched or not_tensors:
+        problems = []
+        if missing:
+            problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
+        if not_tensors:
+            problems.append(f"entries that are not tensors: {_preview(not_tensors)}")
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__} (expected {expected}): "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _batchnorm_counters(model: nn.Module) -> list[str]:
+    """State-dict keys of the ``num_batches_tracked`` buffers of the model's batch norms."""
+    return [
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        and module.num_batches_tracked is not None
+    ]
+
+
+def _essence(err: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (its unpickler line when there is one).
+
+    Weights-only failures start with generic advice to retry with ``weights_only=False``, which
+    must not be followed; the line naming the actual problem comes later.
+    """
+    message = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in message:
+        detail = message.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        return f"{type(err).__name__}: {marker} {' '.join(detail.split())}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _preview(items: Iterable[Any]) -> str:
+    """A comma-separated list of at most ``_MAX_KEYS_SHOWN`` items, noting how many were left out."""
+    items = [str(item) for item in items]
+    shown = ", ".join(items[:_MAX_KEYS_SHOWN])
+    if len(items) > _MAX_KEYS_SHOWN:
+        shown += f", ... ({len(items) - _MAX_KEYS_SHOWN} more)"
+    return shown
