@@ -85,9 +85,7 @@ DEFAULT_MAX_HESSIAN_PARAMS = 10_000
 # --------------------------------------------------------------------------------------------------
 # Parameter dictionaries
 # --------------------------------------------------------------------------------------------------
-def select_params(
-    model: nn.Module, params: Iterable[str | Tensor] | Mapping[str, Tensor] | None = None
-) -> Params:
+def select_params(model: nn.Module, params: Iterable[str | Tensor] | Mapping[str, Tensor] | None = None) -> Params:
     """Detached copies-by-reference of the chosen named parameters, in ``named_parameters()`` order.
 
     ``params``: ``None`` (every parameter with ``requires_grad``), an iterable of names, an iterable of
@@ -235,9 +233,7 @@ def gradient(model: nn.Module, loss_fn: LossFn, batch: Batch, params=None) -> Pa
         return _detached(grad(loss_function(model, loss_fn, batch))(primals))
 
 
-def hvp(
-    model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str, Tensor], params=None
-) -> Params:
+def hvp(model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str, Tensor], params=None) -> Params:
     r"""Exact Hessian-vector product :math:`H v` of the mean mini-batch loss.
 
     :math:`Hv = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}`, computed forward-over-reverse
@@ -307,9 +303,7 @@ def hessian(
         return vmap(lambda e: pullback(e)[0], chunk_size=chunk_size)(eye).detach()
 
 
-def ggn_vp(
-    model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str, Tensor], params=None
-) -> Params:
+def ggn_vp(model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str, Tensor], params=None) -> Params:
     r"""Generalised Gauss-Newton-vector product :math:`G v = J^\top \big(\nabla^2_z L\big) J v`.
 
     :math:`z = f_\theta(X)` is the model output for the whole batch (shape ``[N, C]``) and
@@ -344,9 +338,7 @@ def per_sample_gradients(
     Undefined for BatchNorm in training mode (batch statistics couple the samples): that raises.
     ``chunk_size`` samples are processed at a time (memory bound).
     """
-    bn_train = [
-        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-    ]
+    bn_train = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if bn_train:
         raise ValueError(
             "per-sample gradients are undefined with BatchNorm in training mode (batch statistics couple "

@@ -115,8 +115,9 @@ def _prune_mask(module: nn.Module, param_name: str) -> Tensor | None:
     return module._buffers.get(param_name[: -len("_orig")] + "_mask")
 
 
-def _as_inputs(inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size,
-               dtype: torch.dtype) -> list[Tensor]:
+def _as_inputs(
+    inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size, dtype: torch.dtype
+) -> list[Tensor]:
     """Input tensors; a shape becomes a meta tensor of the model's floating dtype."""
     if isinstance(inputs_or_shape, Tensor):
         return [inputs_or_shape]
@@ -125,8 +126,10 @@ def _as_inputs(inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torc
         return items
     if items and all(isinstance(item, int) for item in items):
         return [torch.empty(items, dtype=dtype, device="meta")]
-    raise TypeError("inputs_or_shape must be a shape (ints, batch dimension included), "
-                    f"a tensor, or a sequence of tensors; got {inputs_or_shape!r}")
+    raise TypeError(
+        "inputs_or_shape must be a shape (ints, batch dimension included), "
+        f"a tensor, or a sequence of tensors; got {inputs_or_shape!r}"
+    )
 
 
 def _replicate(model: nn.Module, device: str | torch.device | None) -> nn.Module:
@@ -138,14 +141,13 @@ def _replicate(model: nn.Module, device: str | torch.device | None) -> nn.Module
     memo: dict[int, object] = {}
     if device is not None:
         device = torch.device(device)
-        if device.type != "meta" and any(t.is_meta for t in [*model.parameters(),
-                                                             *model.buffers()]):
-            raise ValueError(f"a model on the meta device has no values to copy to {device}; "
-                             "count it with device='meta'")
+        if device.type != "meta" and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            raise ValueError(
+                f"a model on the meta device has no values to copy to {device}; count it with device='meta'"
+            )
         for param in model.parameters():
             if param.device != device:
-                memo[id(param)] = nn.Parameter(param.detach().to(device),
-                                               requires_grad=param.requires_grad)
+                memo[id(param)] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
         for buffer in model.buffers():
             if buffer.device != device:
                 memo[id(buffer)] = buffer.detach().to(device)

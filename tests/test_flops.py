@@ -87,9 +87,13 @@ def test_torch_pruning_pruned_model_counts_fewer_macs():
     # Prune only inside the blocks (conv1 -> bn1 -> conv2); the option-A residual stream stays.
     blocks = [block for stage in (model.layer1, model.layer2, model.layer3) for block in stage]
     ignored = [model.conv1, model.linear] + [block.conv2 for block in blocks]
-    pruner = tp.pruner.MetaPruner(model, torch.randn(*CIFAR_INPUT),
-                                  importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=0.5, ignored_layers=ignored)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(*CIFAR_INPUT),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=ignored,
+    )
     pruner.step()
     assert blocks[0].conv1.out_channels == 8
     pruned = count_flops(model, CIFAR_INPUT)

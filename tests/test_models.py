@@ -46,9 +46,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- CIFAR ResNet
 
 
-@pytest.mark.parametrize(
-    "depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)]
-)
+@pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)])
 def test_cifar_resnet_parameter_counts_and_forward(depth, millions):
     model = cifar_resnet(depth)
     assert n_params(model) / 1e6 == pytest.approx(millions, rel=0.02)
@@ -103,10 +101,13 @@ def cifar_subset(require_data):
     return x, y
 
 
-@pytest.mark.parametrize("name, file, expected", [
-    ("resnet20", RESNET20_CKPT, 91.6),
-    ("resnet32", RESNET32_CKPT, 92.8),
-])
+@pytest.mark.parametrize(
+    "name, file, expected",
+    [
+        ("resnet20", RESNET20_CKPT, 91.6),
+        ("resnet32", RESNET32_CKPT, 92.8),
+    ],
+)
 def test_pretrained_cifar_resnet_accuracy(require_data, cifar_subset, name, file, expected):
     path = require_data(file)
     model = models.load_pretrained(name, path.parent.parent)
@@ -128,8 +129,7 @@ def test_checkpoint_keys_match_architecture(require_data):
 def _write_resnet20_checkpoint(data_dir: Path, state: dict) -> Path:
     path = data_dir / "checkpoints" / models.get_spec("resnet20").checkpoint
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 0.0},
-               path)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 0.0}, path)
     return path
 
 
@@ -166,8 +166,7 @@ def test_checkpoint_with_wrong_shape(tmp_path):
     _write_resnet20_checkpoint(tmp_path, state)
     with pytest.raises(CheckpointError) as info:
         models.load_pretrained("resnet20", tmp_path)
-    assert "shape mismatches (1): linear.weight: checkpoint (100, 64) vs model (10, 64)" in str(
-        info.value)
+    assert "shape mismatches (1): linear.weight: checkpoint (100, 64) vs model (10, 64)" in str(info.value)
 
 
 def test_garbage_file_is_a_checkpoint_error(tmp_path):
@@ -186,11 +185,14 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path):
         models.load_pretrained("resnet20", tmp_path)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ([1, 2, 3], "holds a list"),
-    ({"model": {}}, "no key 'state_dict'"),
-    ({"state_dict": torch.zeros(3)}, "'state_dict' holds a Tensor"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ([1, 2, 3], "holds a list"),
+        ({"model": {}}, "no key 'state_dict'"),
+        ({"state_dict": torch.zeros(3)}, "'state_dict' holds a Tensor"),
+    ],
+)
 def test_wrong_layout_is_a_checkpoint_error(tmp_path, content, fragment):
     path = tmp_path / "checkpoints" / models.get_spec("resnet20").checkpoint
     path.parent.mkdir()
@@ -241,7 +243,7 @@ def _read_idx(path: Path) -> np.ndarray:
     raw = gzip.decompress(path.read_bytes())
     assert raw[:3] == b"\x00\x00\x08", "expected unsigned-byte IDX data"
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -251,8 +253,7 @@ def test_pretrained_mlpnet_accuracy(require_data):
     path = require_data(MLPNET_CKPT)
     model = models.load_pretrained("mlpnet", path.parent.parent)
     x = torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0
-    acc = accuracy(model, normalise(x, models.get_spec("mlpnet")), torch.from_numpy(
-        labels.astype(np.int64)))
+    acc = accuracy(model, normalise(x, models.get_spec("mlpnet")), torch.from_numpy(labels.astype(np.int64)))
     assert acc == pytest.approx(93.97, abs=0.01)
 
 
@@ -261,8 +262,7 @@ def test_mlpnet_checkpoint_needs_exactly_the_allowlisted_classes(require_data):
     assert CHECKPOINT_GLOBALS == (torch.optim.SGD, torch.optim.lr_scheduler.ExponentialLR)
     for left_out in CHECKPOINT_GLOBALS:
         kept = [g for g in CHECKPOINT_GLOBALS if g is not left_out]
-        with pytest.raises(pickle.UnpicklingError, match=left_out.__name__), \
-                torch.serialization.safe_globals(kept):
+        with pytest.raises(pickle.UnpicklingError, match=left_out.__name__), torch.serialization.safe_globals(kept):
             torch.load(path, map_location="cpu", weights_only=True)
     assert set(read_mlpnet_checkpoint(path)) == {"fc1.weight", "fc2.weight", "fc3.weight"}
 
@@ -270,11 +270,11 @@ def test_mlpnet_checkpoint_needs_exactly_the_allowlisted_classes(require_data):
 def test_mlpnet_masks_are_folded_into_weights(tmp_path):
     reference = mlpnet()
     mask = (torch.rand(40, 784) > 0.5).float()
-    raw = {f"module.{name}._layer.weight": w for name, w in
-           (("fc1", reference.fc1.weight), ("fc2", reference.fc2.weight),
-            ("fc3", reference.fc3.weight))}
-    raw.update({f"module.fc{k}._weight_mask": torch.ones_like(raw[f"module.fc{k}._layer.weight"])
-                for k in (2, 3)})
+    raw = {
+        f"module.{name}._layer.weight": w
+        for name, w in (("fc1", reference.fc1.weight), ("fc2", reference.fc2.weight), ("fc3", reference.fc3.weight))
+    }
+    raw.update({f"module.fc{k}._weight_mask": torch.ones_like(raw[f"module.fc{k}._layer.weight"]) for k in (2, 3)})
     raw["module.fc1._weight_mask"] = mask
     path = tmp_path / "mlp.ckpt"
     torch.save({"model_state_dict": raw}, path)
@@ -334,7 +334,7 @@ def test_vit_removing_a_head_by_hand_is_consistent():
     expected = model(x)
     _remove_head(attn, head=1)
     assert (attn.num_heads, attn.head_dim, attn.v_head_dim) == (2, 16, 16)
-    assert attn.scale == pytest.approx(16 ** -0.5)
+    assert attn.scale == pytest.approx(16**-0.5)
     torch.testing.assert_close(model(x), expected)
 
 
@@ -344,12 +344,17 @@ def test_vit_torch_pruning_removes_whole_heads():
     attns = _attentions(model)
     num_heads = {layer: a.num_heads for a in attns for layer in (a.q, a.k, a.v)}
     # Only the attention groups (rooted at proj) are prunable; everything else is ignored.
-    ignored = [model.head, model.patch_embed] + [
-        layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2)]
+    ignored = [model.head, model.patch_embed] + [layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2)]
     pruner = tp.pruner.MetaPruner(
-        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-        ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True,
-        prune_head_dims=False, head_pruning_ratio=1 / 3,
+        model,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=1 / 3,
         unwrapped_parameters=[(model.cls_token, 2), (model.pos_embed, 2)],
     )
     pruner.step()
@@ -365,11 +370,15 @@ def test_vit_torch_pruning_head_dims_then_set_num_heads():
     x = torch.randn(2, 3, 32, 32)
     attns = _attentions(model)
     num_heads = {layer: a.num_heads for a in attns for layer in (a.q, a.k, a.v)}
-    ignored = [model.head, model.patch_embed] + [
-        layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2)]
+    ignored = [model.head, model.patch_embed] + [layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2)]
     pruner = tp.pruner.MetaPruner(
-        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-        ignored_layers=ignored, num_heads=num_heads, prune_num_heads=False,
+        model,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_num_heads=False,
         prune_head_dims=True,
         unwrapped_parameters=[(model.cls_token, 2), (model.pos_embed, 2)],
     )
@@ -407,13 +416,13 @@ def test_torchvision_download_failure_is_explained(monkeypatch):
 
 def test_torchvision_pretrained_loads_strictly(monkeypatch):
     reference = resnet50()
-    monkeypatch.setattr("torchvision.models.WeightsEnum.get_state_dict",
-                        lambda self, *args, **kwargs: reference.state_dict())
+    monkeypatch.setattr(
+        "torchvision.models.WeightsEnum.get_state_dict", lambda self, *args, **kwargs: reference.state_dict()
+    )
     model = models.load_pretrained("resnet50")
     torch.testing.assert_close(model.fc.weight, reference.fc.weight)
     broken = {k: v for k, v in reference.state_dict().items() if k != "fc.bias"}
-    monkeypatch.setattr("torchvision.models.WeightsEnum.get_state_dict",
-                        lambda self, *args, **kwargs: broken)
+    monkeypatch.setattr("torchvision.models.WeightsEnum.get_state_dict", lambda self, *args, **kwargs: broken)
     with pytest.raises(CheckpointError, match="missing keys \\(1\\): fc.bias"):
         resnet50(pretrained=True)
 
@@ -422,8 +431,18 @@ def test_torchvision_pretrained_loads_strictly(monkeypatch):
 
 
 def test_registry_entries_are_consistent():
-    assert {"resnet20", "resnet32", "resnet56", "resnet110", "resnet32_4x", "vgg19_bn",
-            "mlpnet", "vit_cifar", "resnet50", "vit_b_16"} <= set(models.available())
+    assert {
+        "resnet20",
+        "resnet32",
+        "resnet56",
+        "resnet110",
+        "resnet32_4x",
+        "vgg19_bn",
+        "mlpnet",
+        "vit_cifar",
+        "resnet50",
+        "vit_b_16",
+    } <= set(models.available())
     for name, spec in models.REGISTRY.items():
         assert spec.name == name
         assert len(spec.mean) == len(spec.std) == spec.input_shape[0]
@@ -433,8 +452,7 @@ def test_registry_entries_are_consistent():
         models.REGISTRY["x"] = None  # read-only
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet32_4x", "vgg19_bn_cifar100", "vit_cifar",
-                                  "mlpnet"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet32_4x", "vgg19_bn_cifar100", "vit_cifar", "mlpnet"])
 def test_create_builds_models_of_the_registered_shape(name):
     spec = models.get_spec(name)
     with torch.device("meta"):

@@ -88,18 +88,13 @@ class ModelSpec:
     torchvision_pretrained: bool = False
 
 
-_RESNET_SOURCE = (
-    "the pretrained models of https://github.com/akamaster/pytorch_resnet_cifar10 "
-    "(see data/README.md)"
-)
-_MLPNET_SOURCE = (
-    "the MNIST MLPNet checkpoint of https://github.com/IST-DASLab/WoodFisher "
-    "(see data/README.md)"
-)
+_RESNET_SOURCE = "the pretrained models of https://github.com/akamaster/pytorch_resnet_cifar10 (see data/README.md)"
+_MLPNET_SOURCE = "the MNIST MLPNet checkpoint of https://github.com/IST-DASLab/WoodFisher (see data/README.md)"
 
 
-def _cifar_resnet_spec(depth: int, checkpoint: str | None = None, width: float = 1,
-                       name: str | None = None) -> ModelSpec:
+def _cifar_resnet_spec(
+    depth: int, checkpoint: str | None = None, width: float = 1, name: str | None = None
+) -> ModelSpec:
     return ModelSpec(
         name=name or f"resnet{depth}",
         builder=partial(cifar_resnet.cifar_resnet, depth, width=width),
@@ -124,17 +119,44 @@ def _build_registry() -> Mapping[str, ModelSpec]:
         _cifar_resnet_spec(110),
         _cifar_resnet_spec(32, width=4, name="resnet32_4x"),
         ModelSpec("vgg19_bn", vgg.vgg19_bn, "cifar10", CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32)),
-        ModelSpec("vgg19_bn_cifar100", partial(vgg.vgg19_bn, num_classes=100),
-                  "cifar100", CIFAR100_MEAN, CIFAR100_STD, (3, 32, 32)),
+        ModelSpec(
+            "vgg19_bn_cifar100",
+            partial(vgg.vgg19_bn, num_classes=100),
+            "cifar100",
+            CIFAR100_MEAN,
+            CIFAR100_STD,
+            (3, 32, 32),
+        ),
         ModelSpec("vit_cifar", vit.vit_cifar, "cifar10", CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32)),
-        ModelSpec("mlpnet", mlpnet.mlpnet, "mnist", MNIST_MEAN, MNIST_STD, (1, 28, 28),
-                  checkpoint="mnist_25_epoch_93.97.ckpt",
-                  read_checkpoint=mlpnet.read_mlpnet_checkpoint,
-                  checkpoint_source=_MLPNET_SOURCE),
-        ModelSpec("resnet50", torchvision_models.resnet50, "imagenet", IMAGENET_MEAN,
-                  IMAGENET_STD, (3, 224, 224), torchvision_pretrained=True),
-        ModelSpec("vit_b_16", torchvision_models.vit_b_16, "imagenet", IMAGENET_MEAN,
-                  IMAGENET_STD, (3, 224, 224), torchvision_pretrained=True),
+        ModelSpec(
+            "mlpnet",
+            mlpnet.mlpnet,
+            "mnist",
+            MNIST_MEAN,
+            MNIST_STD,
+            (1, 28, 28),
+            checkpoint="mnist_25_epoch_93.97.ckpt",
+            read_checkpoint=mlpnet.read_mlpnet_checkpoint,
+            checkpoint_source=_MLPNET_SOURCE,
+        ),
+        ModelSpec(
+            "resnet50",
+            torchvision_models.resnet50,
+            "imagenet",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            (3, 224, 224),
+            torchvision_pretrained=True,
+        ),
+        ModelSpec(
+            "vit_b_16",
+            torchvision_models.vit_b_16,
+            "imagenet",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            (3, 224, 224),
+            torchvision_pretrained=True,
+        ),
     ]
     return MappingProxyType({spec.name: spec for spec in specs})
 
@@ -180,8 +202,9 @@ def load_pretrained(name: str, data_dir: str | os.PathLike | None = None) -> nn.
         return spec.builder(pretrained=True).eval()
     if spec.checkpoint is None or spec.read_checkpoint is None:
         with_weights = [n for n, s in REGISTRY.items() if s.checkpoint or s.torchvision_pretrained]
-        raise ValueError(f"no pretrained weights are registered for {name!r}; "
-                         f"models with weights: {sorted(with_weights)}")
+        raise ValueError(
+            f"no pretrained weights are registered for {name!r}; models with weights: {sorted(with_weights)}"
+        )
     path = resolve_data_dir(data_dir) / "checkpoints" / spec.checkpoint
     if not path.is_file():
         raise FileNotFoundError(
@@ -190,6 +213,10 @@ def load_pretrained(name: str, data_dir: str | os.PathLike | None = None) -> nn.
             "folder of the data directory (pass data_dir=... or set OBA_DATA_DIR)."
         )
     model = spec.builder()
-    load_state_dict_strict(model, spec.read_checkpoint(path), source=path,
-                           expected=f"a checkpoint of {name!r} from {spec.checkpoint_source}")
+    load_state_dict_strict(
+        model,
+        spec.read_checkpoint(path),
+        source=path,
+        expected=f"a checkpoint of {name!r} from {spec.checkpoint_source}",
+    )
     return model.eval()

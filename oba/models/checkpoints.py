@@ -65,8 +65,17 @@ def read_torch_file(
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
-            AttributeError, TypeError, IndexError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+    ) as err:
         raise CheckpointError(
             f"could not read {path} as a PyTorch checkpoint (expected {expected}); "
             f"the file is corrupt, truncated, not a torch.save file, or references a class "
@@ -77,13 +86,10 @@ def read_torch_file(
 def get_entry(obj: Any, key: str, *, path: str | os.PathLike, expected: str) -> Any:
     """``obj[key]`` for a checkpoint dict, or a :class:`CheckpointError` describing the layout."""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{path}: expected {expected}, but the file holds a {type(obj).__name__}"
-        )
+        raise CheckpointError(f"{path}: expected {expected}, but the file holds a {type(obj).__name__}")
     if key not in obj:
         raise CheckpointError(
-            f"{path}: expected {expected}, but the dict has no key {key!r} "
-            f"(its keys: {_preview(obj.keys())})"
+            f"{path}: expected {expected}, but the dict has no key {key!r} (its keys: {_preview(obj.keys())})"
         )
     return obj[key]
 
@@ -104,18 +110,13 @@ def get_state_dict(
     """
     state_dict = get_entry(checkpoint, key, path=path, expected=expected)
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError(
-            f"{path}: expected {expected}, but {key!r} holds a {type(state_dict).__name__}"
-        )
+        raise CheckpointError(f"{path}: expected {expected}, but {key!r} holds a {type(state_dict).__name__}")
     return strip_prefix(state_dict, prefix)
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
     """Remove ``prefix`` (e.g. the ``module.`` left by ``nn.DataParallel``) from every key that has it."""
-    return {
-        (key.removeprefix(prefix)): value
-        for key, value in state_dict.items()
-    }
+    return {(key.removeprefix(prefix)): value for key, value in state_dict.items()}
 
 
 def load_state_dict_strict(
@@ -164,8 +165,7 @@ def load_state_dict_strict(
         if not_tensors:
             problems.append(f"entries that are not tensors: {_preview(not_tensors)}")
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__} (expected {expected}): "
-            + "; ".join(problems)
+            f"{source} does not fit {type(model).__name__} (expected {expected}): " + "; ".join(problems)
         )
     model.load_state_dict(state_dict, strict=True)
 
@@ -175,8 +175,7 @@ def _batchnorm_counters(model: nn.Module) -> list[str]:
     return [
         f"{name}.num_batches_tracked" if name else "num_batches_tracked"
         for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._NormBase)
-        and module.num_batches_tracked is not None
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.num_batches_tracked is not None
     ]
 
 

@@ -40,8 +40,7 @@ __all__ = [
 CHECKPOINT_MEAN = IMAGENET_MEAN
 CHECKPOINT_STD = IMAGENET_STD
 CHECKPOINT_FORMAT = (
-    "a 'pytorch_resnet_cifar10' checkpoint: a dict with 'state_dict' (keys prefixed 'module.') "
-    "and 'best_prec1'"
+    "a 'pytorch_resnet_cifar10' checkpoint: a dict with 'state_dict' (keys prefixed 'module.') and 'best_prec1'"
 )
 
 STAGE_CHANNELS = (16, 32, 64)

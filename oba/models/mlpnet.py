@@ -70,11 +70,9 @@ def read_mlpnet_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         CheckpointError: the file is unreadable, lacks ``model_state_dict``, or a mask does not
             match its weight.
     """
-    checkpoint = read_torch_file(path, expected=CHECKPOINT_FORMAT,
-                                 allowed_globals=CHECKPOINT_GLOBALS)
+    checkpoint = read_torch_file(path, expected=CHECKPOINT_FORMAT, allowed_globals=CHECKPOINT_GLOBALS)
     raw = get_state_dict(checkpoint, "model_state_dict", path=path, expected=CHECKPOINT_FORMAT)
-    masks = {key[: -len("._weight_mask")]: value
-             for key, value in raw.items() if key.endswith("._weight_mask")}
+    masks = {key[: -len("._weight_mask")]: value for key, value in raw.items() if key.endswith("._weight_mask")}
     state_dict: dict[str, Tensor] = {}
     for key, value in raw.items():
         if key.endswith("._weight_mask"):

@@ -26,8 +26,7 @@ class PretrainedWeightsError(RuntimeError):
     """torchvision's pretrained weights could not be downloaded or read from the cache."""
 
 
-def resnet50(pretrained: bool = False, *, weights: str = "IMAGENET1K_V1",
-             **kwargs: Any) -> torchvision.models.ResNet:
+def resnet50(pretrained: bool = False, *, weights: str = "IMAGENET1K_V1", **kwargs: Any) -> torchvision.models.ResNet:
     """torchvision ResNet-50: ``[N, 3, 224, 224] -> [N, 1000]`` (25.6M params, 4.1 GMACs).
 
     Args:
@@ -39,8 +38,9 @@ def resnet50(pretrained: bool = False, *, weights: str = "IMAGENET1K_V1",
     return _build(torchvision.models.resnet50, ResNet50_Weights, pretrained, weights, kwargs)
 
 
-def vit_b_16(pretrained: bool = False, *, weights: str = "IMAGENET1K_V1",
-             **kwargs: Any) -> torchvision.models.VisionTransformer:
+def vit_b_16(
+    pretrained: bool = False, *, weights: str = "IMAGENET1K_V1", **kwargs: Any
+) -> torchvision.models.VisionTransformer:
     """torchvision ViT-B/16: ``[N, 3, 224, 224] -> [N, 1000]`` (86.6M params, 17.6 GMACs).
 
     Args:
@@ -50,23 +50,25 @@ def vit_b_16(pretrained: bool = False, *, weights: str = "IMAGENET1K_V1",
     return _build(torchvision.models.vit_b_16, ViT_B_16_Weights, pretrained, weights, kwargs)
 
 
-def _build(builder: Any, weights_enum: type[WeightsEnum], pretrained: bool, weights: str,
-           kwargs: dict[str, Any]) -> nn.Module:
+def _build(
+    builder: Any, weights_enum: type[WeightsEnum], pretrained: bool, weights: str, kwargs: dict[str, Any]
+) -> nn.Module:
     if not pretrained:
         return builder(weights=None, **kwargs)
     try:
         chosen = weights_enum[weights]
     except KeyError:
-        raise ValueError(f"unknown {weights_enum.__name__} {weights!r}; choose from "
-                         f"{list(weights_enum.__members__)}") from None
+        raise ValueError(
+            f"unknown {weights_enum.__name__} {weights!r}; choose from {list(weights_enum.__members__)}"
+        ) from None
     if kwargs.get("num_classes", len(chosen.meta["categories"])) != len(chosen.meta["categories"]):
-        raise ValueError("pretrained ImageNet weights need num_classes="
-                         f"{len(chosen.meta['categories'])}")
+        raise ValueError(f"pretrained ImageNet weights need num_classes={len(chosen.meta['categories'])}")
     kwargs["num_classes"] = len(chosen.meta["categories"])
     model = builder(weights=None, **kwargs)
     state_dict = _fetch(chosen)
-    load_state_dict_strict(model, state_dict, source=chosen.url,
-                           expected=f"torchvision {weights_enum.__name__}.{weights}")
+    load_state_dict_strict(
+        model, state_dict, source=chosen.url, expected=f"torchvision {weights_enum.__name__}.{weights}"
+    )
     return model
 
 

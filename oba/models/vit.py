@@ -45,8 +45,7 @@ class Attention(nn.Module):
         qkv_bias: whether ``q``, ``k``, ``v`` have biases.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None,
-                 qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, qkv_bias: bool = True) -> None:
         super().__init__()
         if head_dim is None:
             if dim % num_heads:
@@ -58,15 +57,20 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
 
     @property
     def num_heads(self) -> int:
         """Heads, derived from the weights: ``q.out_features // head_dim`` (checked for consistency)."""
         qk_width = self.q.out_features
         heads, remainder = divmod(qk_width, self.head_dim)
-        if remainder or heads == 0 or self.k.out_features != qk_width \
-                or self.v.out_features % heads or self.proj.in_features != self.v.out_features:
+        if (
+            remainder
+            or heads == 0
+            or self.k.out_features != qk_width
+            or self.v.out_features % heads
+            or self.proj.in_features != self.v.out_features
+        ):
             raise RuntimeError(
                 f"inconsistent attention shapes: q.out={qk_width}, k.out={self.k.out_features}, "
                 f"v.out={self.v.out_features}, proj.in={self.proj.in_features}, "
@@ -83,8 +87,7 @@ class Attention(nn.Module):
     def set_num_heads(self, num_heads: int) -> None:
         """Re-derive ``head_dim = q.out_features // num_heads`` after head-dimension pruning."""
         if num_heads < 1 or self.q.out_features % num_heads:
-            raise ValueError(f"q.out_features={self.q.out_features} does not split into "
-                             f"{num_heads} heads")
+            raise ValueError(f"q.out_features={self.q.out_features} does not split into {num_heads} heads")
         self.head_dim = self.q.out_features // num_heads
         _ = self.num_heads  # validates the other shapes against the new head_dim
 
@@ -142,9 +145,17 @@ class VisionTransformer(nn.Module):
         head: ``Linear(D, num_classes)``.
     """
 
-    def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3,
-                 num_classes: int = 10, dim: int = 192, depth: int = 6, num_heads: int = 3,
-                 mlp_dim: int = 384) -> None:
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_dim: int = 384,
+    ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
@@ -174,12 +185,26 @@ class VisionTransformer(nn.Module):
         return self.head(tokens[:, 0])
 
 
-def vit_cifar(num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4,
-              dim: int = 192, depth: int = 6, num_heads: int = 3,
-              mlp_dim: int = 384) -> VisionTransformer:
+def vit_cifar(
+    num_classes: int = 10,
+    *,
+    image_size: int = 32,
+    patch_size: int = 4,
+    dim: int = 192,
+    depth: int = 6,
+    num_heads: int = 3,
+    mlp_dim: int = 384,
+) -> VisionTransformer:
     """A small CIFAR ViT (defaults: 4x4 patches, 65 tokens, width 192, 6 blocks, 3 heads; 1.8M params)."""
-    return VisionTransformer(image_size=image_size, patch_size=patch_size, num_classes=num_classes,
-                             dim=dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim)
+    return VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        dim=dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+    )
 
 
 def set_num_heads(model: nn.Module, num_heads: Mapping[nn.Module, int]) -> None:

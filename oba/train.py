@@ -1,0 +1,536 @@
+"""Evaluation, resumable fine-tuning and batch-norm recalibration.
+
+* :func:`evaluate` -- accuracy and mean loss of a classifier over a loader.
+* :func:`fine_tune` -- SGD (momentum, weight decay) with a MultiStepLR schedule, per-epoch metrics
+  appended to a JSONL log, an atomic checkpoint after every epoch, and exact resumption: rerunning the
+  same call after an interruption continues from the next epoch and ends with the same weights as an
+  uninterrupted run (given deterministic kernels; on CPU they are).
+* :func:`recalibrate_batchnorm` -- recompute batch-norm running statistics (e.g. after pruning).
+
+Loaders yield ``(inputs, targets)`` batches (extra items are ignored), as those of :func:`oba.data.loader`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointMismatchError",
+    "evaluate",
+    "fine_tune",
+    "load_checkpoint",
+    "read_jsonl",
+    "recalibrate_batchnorm",
+]
+
+CHECKPOINT_FORMAT = "oba.fine_tune/1"
+"""The ``format`` entry of checkpoints written by :func:`fine_tune`."""
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's model state does not fit the model (different keys or shapes)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _prepare(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return _model_device(model)
+    device = torch.device(device)
+    model.to(device)
+    return device
+
+
+def _unpack(batch: Any) -> tuple[Any, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"expected (inputs, targets) batches, got {type(batch).__name__}")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+@contextlib.contextmanager
+def _modes_restored(model: nn.Module):
+    """Restore every submodule's ``training`` flag on exit (``model.train(mode)`` alone would not)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _batches(loader: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def _length(loader: Iterable[Any], max_batches: int | None) -> int | None:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+    desc: str = "eval",
+) -> dict[str, float | int]:
+    """Accuracy and mean loss of a classifier over ``loader``.
+
+    The model runs in eval mode under :func:`torch.no_grad`; every submodule's train/eval mode is restored
+    afterwards.
+
+    Args:
+        loss_fn: ``loss_fn(logits, targets)`` returning the *mean* loss of a batch; default cross-entropy.
+        device: where to run; default the model's device (given, the model is moved there).
+        progress: show a tqdm progress bar.
+        max_batches: stop after that many batches.
+
+    Returns:
+        ``{"accuracy": fraction in [0, 1], "loss": mean loss per sample, "correct": int, "num_samples": int}``
+        (accuracy and loss are NaN for an empty loader).
+    """
+    device = _prepare(model, device)
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    with _modes_restored(model), torch.no_grad():
+        model.eval()
+        bar = tqdm(
+            _batches(loader, max_batches),
+            total=_length(loader, max_batches),
+            desc=desc,
+            disable=not progress,
+            leave=False,
+        )
+        for batch in bar:
+            inputs, targets = _unpack(batch)
+            inputs, targets = _to(inputs, device), targets.to(device, non_blocking=True)
+            logits = model(inputs)
+            bs = targets.shape[0]
+            total_loss += loss_fn(logits, targets).double() * bs
+            correct += (logits.argmax(dim=1) == targets).sum()
+            n += bs
+    if n == 0:
+        return {"accuracy": math.nan, "loss": math.nan, "correct": 0, "num_samples": 0}
+    c = int(correct)
+    return {"accuracy": c / n, "loss": float(total_loss) / n, "correct": c, "num_samples": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch-norm recalibration
+# --------------------------------------------------------------------------------------------------
+
+
+def recalibrate_batchnorm(
+    model: nn.Module,
+    loader: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Recompute the running mean/variance of every batch-norm layer from ``num_batches`` batches.
+
+    The running statistics are reset and re-estimated as the plain (cumulative) average over the batches
+    (``momentum=None``), with the model in train mode and without gradients; afterwards every submodule's
+    mode and every layer's momentum are restored. Layers without running statistics are left alone. Use a
+    loader without augmentation. Returns ``model``.
+
+    Raises:
+        ValueError: the loader gave no batch (the statistics would be left reset).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    device = _prepare(model, device)
+    momenta = [m.momentum for m in bns]
+    seen = 0
+    with _modes_restored(model), torch.no_grad():
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            total = _length(loader, num_batches)
+            for batch in tqdm(
+                _batches(loader, num_batches), total=total, desc="BN recalibration", disable=not progress
+            ):
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(_to(inputs, device))
+                seen += 1
+        finally:
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm: the loader gave no batch")
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL log and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSONL log; a truncated last line (an interrupted write) is ignored."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: a partial write
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return records
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _rewrite_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
+
+
+def _append_log(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a :func:`fine_tune` checkpoint on the CPU with ``torch.load(weights_only=True)``."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fine_tune checkpoint (format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def _check_model_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+        raise CheckpointMismatchError(
+            f"the checkpoint {path} belongs to a different model ({'; '.join(parts)}). "
+            "Use another checkpoint_path, or resume=False to start afresh (it will be overwritten)."
+        )
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The distinct torch generators a DataLoader draws from (its own and its sampler's)."""
+    found: list[torch.Generator] = []
+    candidates = [
+        getattr(loader, "generator", None),
+        getattr(getattr(loader, "sampler", None), "generator", None),
+        getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None),
+    ]
+    for g in candidates:
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def _rng_state(loaders: Sequence[Any]) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+        "loaders": [[g.get_state() for g in _loader_generators(ld)] if ld is not None else [] for ld in loaders],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], loaders: Sequence[Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        ("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for which, ld, saved in zip(("train", "eval"), loaders, state["loaders"], strict=True):
+        gens = _loader_generators(ld) if ld is not None else []
+        if len(gens) != len(saved):
+            if which == "eval":  # evaluation does not depend on the order; nothing to warn about
+                continue
+            warnings.warn(
+                f"the {which} loader has {len(gens)} random generator(s), the checkpoint {len(saved)}: "
+                "their states are not restored, so the resumed data order may differ",
+                stacklevel=3,
+            )
+            continue
+        for g, s in zip(gens, saved, strict=True):
+            g.set_state(s)
+
+
+def _plain_scheduler_state(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    if isinstance(out.get("milestones"), Counter):
+        out["milestones"] = dict(out["milestones"])  # a plain dict: no reliance on Counter being allow-listed
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+def fine_tune(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    nesterov: bool = False,
+    eval_loader: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    log_path: str | os.PathLike | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    seed: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` for ``epochs`` epochs of SGD; resumable. Returns the per-epoch metrics.
+
+    The optimiser is ``torch.optim.SGD(model.parameters(), lr, momentum, weight_decay, nesterov)`` over all
+    parameters with ``requires_grad`` (pruned weights should be fixed by masks or parametrisations), and
+    the learning rate is multiplied by ``gamma`` at each epoch in ``milestones`` (``MultiStepLR``).
+
+    After every epoch:
+
+    * the metrics ``{"epoch" (1-based), "lr", "train_loss", "train_accuracy", "eval_loss",
+      "eval_accuracy" (when ``eval_loader``), "eval_num_samples", "seconds"}`` are appended to ``log_path``
+      as one JSON line (flushed);
+    * ``checkpoint_path`` is replaced atomically by a checkpoint holding the model, optimiser and scheduler
+      states, the number of completed epochs, the metrics so far, the hyper-parameters, and the RNG states
+      (torch, CUDA, numpy, python, and the generators of both loaders). It holds only tensors and plain
+      containers: ``torch.load(path, weights_only=True)`` (or :func:`load_checkpoint`) reads it.
+
+    Resumption: if ``checkpoint_path`` exists and ``resume`` is true, training restarts after the last
+    completed epoch, with every state restored, so the final weights equal those of an uninterrupted run
+    (on CPU, or with deterministic GPU kernels). The log is rewritten from the checkpoint's metrics (so a
+    partial last line or epochs logged after the checkpoint disappear). ``epochs`` may be raised to extend
+    a finished run; the other hyper-parameters must match. Without resumption the log is started afresh.
+
+    Args:
+        seed: when starting afresh, ``torch.manual_seed(seed)`` (plus numpy and python) first; ignored on
+            resumption.
+        device: where to train (the model is moved there); default the model's device.
+        loss_fn: ``loss_fn(logits, targets)`` returning the mean loss of a batch; default cross-entropy.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint holds a different model's weights.
+        ValueError: the checkpoint was made with other hyper-parameters, or has more epochs than asked.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    device = _prepare(model, device)
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    config = {
+        "lr": float(lr),
+        "momentum": float(momentum),
+        "weight_decay": float(weight_decay),
+        "milestones": sorted(int(m) for m in milestones),
+        "gamma": float(gamma),
+        "nesterov": bool(nesterov),
+    }
+    ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    log = Path(log_path) if log_path is not None else None
+    loaders = [train_loader, eval_loader]
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_model_state(model, ckpt["model"], ckpt_path)
+        if ckpt["config"] != config:
+            changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+            raise ValueError(
+                f"the checkpoint {ckpt_path} was made with other hyper-parameters (checkpoint vs now: {changed}); "
+                "use another checkpoint_path, or resume=False to start afresh"
+            )
+        start = int(ckpt["epoch"])
+        if start > epochs:
+            raise ValueError(f"the checkpoint {ckpt_path} has {start} completed epochs, more than epochs={epochs}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sched_state = dict(ckpt["scheduler"])
+        sched_state["milestones"] = Counter({int(k): int(v) for k, v in sched_state["milestones"].items()})
+        scheduler.load_state_dict(sched_state)
+        _set_rng_state(ckpt["rng"], loaders)
+        history = list(ckpt["history"])
+        if log is not None:
+            _rewrite_log(log, history)
+    else:
+        if seed is not None:
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+        if log is not None:
+            _rewrite_log(log, [])
+
+    with _modes_restored(model):
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            n = 0
+            # iter() first: tqdm.auto's asyncio variant calls iter() on what it is given, which for a DataLoader
+            # would create a second iterator (drawing from its generator and starting workers twice).
+            bar = tqdm(
+                iter(train_loader),
+                total=_length(train_loader, None),
+                desc=f"epoch {epoch + 1}/{epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for batch in bar:
+                inputs, targets = _unpack(batch)
+                inputs, targets = _to(inputs, device), targets.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(inputs)
+                loss = loss_fn(logits, targets)
+                loss.backward()
+                optimizer.step()
+                bs = targets.shape[0]
+                total_loss += loss.detach().double() * bs
+                correct += (logits.detach().argmax(dim=1) == targets).sum()
+                n += bs
+            scheduler.step()
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "lr": float(epoch_lr),
+                "train_loss": float(total_loss) / n if n else math.nan,
+                "train_accuracy": int(correct) / n if n else math.nan,
+                "train_num_samples": n,
+            }
+            if eval_loader is not None:
+                metrics = evaluate(model, eval_loader, loss_fn=loss_fn, device=device, progress=progress)
+                model.train()
+                record.update(
+                    eval_loss=metrics["loss"],
+                    eval_accuracy=metrics["accuracy"],
+                    eval_num_samples=metrics["num_samples"],
+                )
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            if ckpt_path is not None:
+                ckpt = {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": _plain_scheduler_state(scheduler.state_dict()),
+                    "config": config,
+                    "history": history,
+                    "rng": _rng_state(loaders),
+                }
+                _atomic_write(ckpt_path, lambda f, obj=ckpt: torch.save(obj, f))
+            if log is not None:
+                _append_log(log, record)
+            if progress:
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                tqdm.write(json.dumps(shown))
+    return history

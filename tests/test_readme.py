@@ -1,0 +1,30 @@
+"""The README's "prune a model in five lines" snippet runs and does what it says."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_pruning_snippet(require_data, monkeypatch, data_dir):
+    require_data("checkpoints/resnet20-12fca82f.th")
+    require_data("cifar10/cifar10-jpeg-q75.tar.gz")
+    monkeypatch.setenv("OBA_DATA_DIR", str(data_dir))
+    section = README.read_text().split("## Prune a model in five lines", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    masks = [m.weight_mask for m in scope["convs"].values()]
+    pruned = sum(int((mk == 0).sum()) for mk in masks)
+    total = sum(mk.numel() for mk in masks)
+    assert pruned == round(0.5 * total)
+    # the mask follows the OBA score: every kept weight scores at least as high as every pruned one
+    scores = torch.cat(
+        [(t * h).abs().flatten() for t, h in zip(scope["theta"].values(), scope["h_theta"].values(), strict=True)]
+    )
+    flat_mask = torch.cat([mk.flatten() for mk in masks]).bool()
+    assert scores[flat_mask].min() >= scores[~flat_mask].max()
