@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.models.checkpoints import state_dict_mismatches
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointMismatchError",
@@ -276,24 +278,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_model_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches: {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+    problems = state_dict_mismatches(model.state_dict(), state)
+    if problems:
         raise CheckpointMismatchError(
-            f"the checkpoint {path} belongs to a different model ({'; '.join(parts)}). "
+            f"the checkpoint {path} belongs to a different model ({'; '.join(problems)}). "
             "Use another checkpoint_path, or resume=False to start afresh (it will be overwritten)."
         )
 

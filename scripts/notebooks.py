@@ -78,7 +78,10 @@ def prepare(args: argparse.Namespace) -> None:
         stale.unlink()
     for nb in notebook_paths(args.only):
         params = parameters_for(nb, args.params, out.parent / f"{out.name}-results")
-        node = parameterize_notebook(nbformat.read(nb, as_version=4), params, kernel_name="python3")
+        node = nbformat.read(nb, as_version=4)
+        for cell in node.cells:  # papermill expects every cell to have a tags list
+            cell.metadata.setdefault("tags", [])
+        node = parameterize_notebook(node, params, kernel_name="python3")
         nbformat.write(node, out / nb.name)
     print(f"[oba] {len(list(out.glob('*.ipynb')))} notebooks parameterised ({args.params}) in {out}")
 

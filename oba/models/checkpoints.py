@@ -119,6 +119,29 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> d
     return {(key.removeprefix(prefix)): value for key, value in state_dict.items()}
 
 
+def state_dict_mismatches(own: Mapping[str, Tensor], state_dict: Mapping[str, Any]) -> list[str]:
+    """What keeps ``state_dict`` from fitting a model whose own state dict is ``own``, one line per kind
+    of problem (missing keys, unexpected keys, shape mismatches, non-tensor entries); empty if it fits."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    not_tensors = [k for k in state_dict if not isinstance(state_dict[k], Tensor)]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and k not in not_tensors and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
+    if not_tensors:
+        problems.append(f"entries that are not tensors: {_preview(not_tensors)}")
+    return problems
+
+
 def load_state_dict_strict(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
@@ -146,24 +169,8 @@ def load_state_dict_strict(
     for key in _batchnorm_counters(model):
         if key not in state_dict:  # checkpoints saved before PyTorch 0.4.1 lack the counter
             state_dict[key] = own[key].clone()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    not_tensors = [k for k in state_dict if not isinstance(state_dict[k], Tensor)]
-    if missing or unexpected or mismatched or not_tensors:
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
-        if not_tensors:
-            problems.append(f"entries that are not tensors: {_preview(not_tensors)}")
+    problems = state_dict_mismatches(own, state_dict)
+    if problems:
         raise CheckpointError(
             f"{source} does not fit {type(model).__name__} (expected {expected}): " + "; ".join(problems)
         )
