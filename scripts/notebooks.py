@@ -22,6 +22,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import yaml
+from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +79,7 @@ def prepare(args: argparse.Namespace) -> None:
         stale.unlink()
     for nb in notebook_paths(args.only):
         params = parameters_for(nb, args.params, out.parent / f"{out.name}-results")
-        node = nbformat.read(nb, as_version=4)
-        for cell in node.cells:  # papermill expects every cell to have a tags list
-            cell.metadata.setdefault("tags", [])
-        node = parameterize_notebook(node, params, kernel_name="python3")
+        node = parameterize_notebook(load_notebook_node(str(nb)), params, kernel_name="python3")
         nbformat.write(node, out / nb.name)
     print(f"[oba] {len(list(out.glob('*.ipynb')))} notebooks parameterised ({args.params}) in {out}")
 
