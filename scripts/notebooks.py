@@ -6,7 +6,7 @@
 Parameters come from the notebook's own ``parameters`` cell (``--params default``) or are overridden by
 ``notebooks/params/<set>/<notebook>.yaml``; ``results_dir`` is always injected so that every figure
 and metric lands under ``--out``. ``run`` writes each executed notebook to ``<out>/notebooks/`` and a
-``.done`` marker (holding the parameters) when it finished; a rerun skips finished notebooks with the same
+``.done`` marker (holding the parameters); a non-default parameter set writes under ``<out>/<set>/`` when it finished; a rerun skips finished notebooks with the same
 parameters, so an interrupted series resumes where it stopped (``--force`` re-runs everything).
 """
 
@@ -52,6 +52,8 @@ def parameters_for(nb: Path, param_set: str, results_dir: Path) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
+    if args.params != "default":  # keep e.g. results/paper/ apart from the default run's results/
+        out = out / args.params
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     for nb in notebook_paths(args.only):
         params = parameters_for(nb, args.params, out)
