@@ -1,7 +1,7 @@
 """oba: Hessian-based neural-network pruning (Optimal Brain Apoptosis and the OBD/OBS family).
 
 The curvature engine is re-exported here (``oba.hvp``, ``oba.hessian``, ...); the other modules are
-imported by name: ``oba.data``, ``oba.models``, ``oba.train``, ``oba.flops``, ``oba.toynets``.
+imported by name: ``oba.importance`` (``oba.score``), ``oba.data``, ``oba.models``, ``oba.train``, ``oba.flops``, ``oba.toynets``.
 """
 
 from oba.curvature import (
@@ -12,6 +12,7 @@ from oba.curvature import (
     ggn_vp,
     gradient,
     hessian,
+    hessian_diagonal,
     hvp,
     param_slices,
     per_sample_gradients,
@@ -19,9 +20,13 @@ from oba.curvature import (
     unflatten_params,
 )
 
+from oba.importance import CRITERIA, score
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRITERIA",
+    "score",
     "curvature_context",
     "empirical_fisher_vp",
     "finite_difference_hvp",
@@ -29,6 +34,7 @@ __all__ = [
     "ggn_vp",
     "gradient",
     "hessian",
+    "hessian_diagonal",
     "hvp",
     "param_slices",
     "per_sample_gradients",

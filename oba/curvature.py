@@ -17,6 +17,7 @@ Functions and what they compute (``v`` a dict shaped like the selected parameter
   (``torch.func.jvp`` of ``torch.func.grad``: Pearlmutter's trick, one pass, about 2-4 gradients)
 * :func:`hessian`         the dense :math:`P \times P` matrix :math:`H` (small models only), as
   ``vmap`` over the pullback of the gradient (reverse-over-reverse), one row per basis vector
+* :func:`hessian_diagonal` :math:`\mathrm{diag}(H)`, exact (small models) or Hutchinson's estimate
 * :func:`ggn_vp`          :math:`G v = J^\top (\nabla^2_z \ell) J v`, :math:`J = \partial z/\partial\theta`
   (generalised Gauss-Newton: one JVP, the loss Hessian in output space, one VJP)
 * :func:`per_sample_gradients`  :math:`g_n = \nabla_\theta \ell(f_\theta(x_n), y_n)`, shape ``[N, *p.shape]``
@@ -66,6 +67,7 @@ __all__ = [
     "ggn_vp",
     "gradient",
     "hessian",
+    "hessian_diagonal",
     "hvp",
     "loss_function",
     "param_slices",
@@ -399,3 +401,44 @@ def finite_difference_hvp(
         plus = grad(f)(OrderedDict((n, p + eps * tangents[n]) for n, p in primals.items()))
         minus = grad(f)(OrderedDict((n, p - eps * tangents[n]) for n, p in primals.items()))
     return OrderedDict((n, ((plus[n] - minus[n]) / (2 * eps)).detach()) for n in primals)
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    params=None,
+    *,
+    method: str = "auto",
+    samples: int = 16,
+    max_exact: int = 2_000,
+    generator: torch.Generator | None = None,
+) -> Params:
+    r"""Diagonal of the Hessian, :math:`\mathrm{diag}(H)`, shaped like the parameters.
+
+    ``method="exact"``: the diagonal of :func:`hessian` (P rows; small models only).
+    ``method="hutchinson"``: :math:`\frac1S \sum_{s=1}^S z_s \odot H z_s` with Rademacher probes
+    :math:`z_s \in \{\pm1\}^P` (``samples`` = S HVPs, drawn from ``generator``), an unbiased estimate:
+    :math:`\mathbb{E}[z \odot Hz]_i = H_{ii} + \sum_{j\ne i} H_{ij}\,\mathbb{E}[z_i z_j] = H_{ii}`.
+    ``method="auto"``: exact when P <= ``max_exact``, else Hutchinson.
+    """
+    primals = select_params(model, params)
+    size = sum(p.numel() for p in primals.values())
+    if method == "auto":
+        method = "exact" if size <= max_exact else "hutchinson"
+    if method == "exact":
+        diag = hessian(model, loss_fn, batch, list(primals), max_params=max(max_exact, size)).diagonal()
+        return unflatten_params(diag.clone(), primals)
+    if method != "hutchinson":
+        raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    total = OrderedDict((n, torch.zeros_like(p)) for n, p in primals.items())
+    for _ in range(samples):
+        z = OrderedDict(
+            (n, torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1) for n, p in primals.items()
+        )
+        hz = hvp(model, loss_fn, batch, z, list(primals))
+        for n in total:
+            total[n] += z[n] * hz[n]
+    return OrderedDict((n, t / samples) for n, t in total.items())
