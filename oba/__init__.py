@@ -1,7 +1,8 @@
 """oba: Hessian-based neural-network pruning (Optimal Brain Apoptosis and the OBD/OBS family).
 
-The curvature engine is re-exported here (``oba.hvp``, ``oba.hessian``, ...); the other modules are
-imported by name: ``oba.importance`` (``oba.score``), ``oba.data``, ``oba.models``, ``oba.train``, ``oba.flops``, ``oba.toynets``.
+The curvature engine (``oba.hvp``, ``oba.hessian``, ...) and the importance criteria (``oba.score``) are
+re-exported here; the other modules are imported by name: ``oba.data``, ``oba.models``, ``oba.train``,
+``oba.flops``, ``oba.toynets``.
 """
 
 from oba.curvature import (
@@ -19,7 +20,6 @@ from oba.curvature import (
     select_params,
     unflatten_params,
 )
-
 from oba.importance import CRITERIA, score
 
 __version__ = "0.1.0"

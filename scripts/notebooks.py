@@ -5,9 +5,10 @@
 
 Parameters come from the notebook's own ``parameters`` cell (``--params default``) or are overridden by
 ``notebooks/params/<set>/<notebook>.yaml``; ``results_dir`` is always injected so that every figure
-and metric lands under ``--out``. ``run`` writes each executed notebook to ``<out>/notebooks/`` and a
-``.done`` marker (holding the parameters); a non-default parameter set writes under ``<out>/<set>/`` when it finished; a rerun skips finished notebooks with the same
-parameters, so an interrupted series resumes where it stopped (``--force`` re-runs everything).
+and metric lands under ``--out`` (``<out>/<set>/`` for a non-default set). ``run`` writes each executed
+notebook to ``<out>/notebooks/`` and, when it finished, a ``.done`` marker holding the parameters; a rerun
+skips finished notebooks with the same parameters, so an interrupted series resumes where it stopped
+(``--force`` re-runs everything).
 """
 
 from __future__ import annotations

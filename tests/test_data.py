@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from oba import data as D
+from oba.data import archives
+from oba.data import normalization as norm
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -73,7 +75,7 @@ def _write_idx(path: Path, arr: np.ndarray, compress: bool) -> None:
 
 
 def test_resolve_data_dir_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    default = (Path(D.__file__).resolve().parents[1] / "data").resolve()
+    default = (Path(D.__file__).resolve().parents[2] / "data").resolve()
     monkeypatch.delenv(D.ENV_VAR, raising=False)
     assert D.resolve_data_dir() == default
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
@@ -306,7 +308,7 @@ def test_decode_image_folder_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     def fail(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(D, "_decode_images", fail)
+    monkeypatch.setattr(archives, "_decode_images", fail)
     again = D.decode_image_folder(archive, ("train", "test"), cache_dir=cache, progress=False)
     assert np.array_equal(again["train"].images, train.images)
 
@@ -486,7 +488,7 @@ def test_constants() -> None:
     assert list(D.CIFAR10_CLASSES) == sorted(D.CIFAR10_CLASSES)  # so ImageFolder order == label order
     assert list(D.IMAGENETTE_WNIDS) == sorted(D.IMAGENETTE_WNIDS)
     assert list(D.IMAGENETTE_TO_IMAGENET.values()) == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
-    norm = pytest.importorskip("oba.models.normalization")  # the models' own record of the same constants
+    # the presets are the named constants that oba.models records for its models
     assert D.NORMALIZATION["imagenet"] == (norm.IMAGENET_MEAN, norm.IMAGENET_STD)
     assert D.NORMALIZATION["cifar10"] == (norm.CIFAR10_MEAN, norm.CIFAR10_STD)
     assert D.NORMALIZATION["cifar100"] == (norm.CIFAR100_MEAN, norm.CIFAR100_STD)
@@ -540,15 +542,15 @@ def test_cifar10_jpeg_cache_is_hit(
     cifar10_jpeg: dict[str, D.TensorImageDataset], data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive = data_dir / CIFAR_JPEG
-    cache_file = D._cache_file_for(archive, D.resolve_cache_dir(data_dir=data_dir), ("train", "test"), "RGB")
+    cache_file = archives._cache_file_for(archive, D.resolve_cache_dir(data_dir=data_dir), ("train", "test"), "RGB")
     assert cache_file.is_file()
-    leftovers = [p.name for p in cache_file.parent.iterdir() if p.name.startswith(f".{D._stem(archive)}")]
+    leftovers = [p.name for p in cache_file.parent.iterdir() if p.name.startswith(f".{archives._stem(archive)}")]
     assert leftovers == []  # no temporary (partial) file left behind
 
     def fail(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(D, "_decode_images", fail)
+    monkeypatch.setattr(archives, "_decode_images", fail)
     test = D.cifar10("test", data_dir, source="jpeg", normalize=None)
     assert torch.equal(test.images, cifar10_jpeg["test"].images)
 

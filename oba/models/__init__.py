@@ -22,12 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from oba.data import resolve_data_dir
-
-from . import cifar_resnet, mlpnet, torchvision_models, vgg, vit
-from .checkpoints import CheckpointError, load_state_dict_strict
-from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
-from .mlpnet import MLPNet
-from .normalization import (
+from oba.data.normalization import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
@@ -37,6 +32,11 @@ from .normalization import (
     MNIST_MEAN,
     MNIST_STD,
 )
+
+from . import cifar_resnet, mlpnet, torchvision_models, vgg, vit
+from .checkpoints import CheckpointError, load_state_dict_strict
+from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
+from .mlpnet import MLPNet
 from .torchvision_models import PretrainedWeightsError
 from .vgg import CifarVGG
 from .vit import Attention, VisionTransformer

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oba.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 from .checkpoints import get_state_dict, read_torch_file
-from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "CHECKPOINT_FORMAT",

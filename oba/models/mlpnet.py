@@ -6,7 +6,7 @@ all-ones ``module.fc1._weight_mask`` buffer, and so on. :func:`read_mlpnet_check
 mask into its weight and returns plain ``fc1.weight`` ... keys. The checkpoint also pickles its
 optimizer and learning-rate scheduler *classes*; exactly those two are allowlisted for the
 ``weights_only=True`` load (:data:`CHECKPOINT_GLOBALS`). Inputs are normalised with mean 0.1307
-and std 0.3081 (:data:`oba.models.normalization.MNIST_MEAN`, ``MNIST_STD``).
+and std 0.3081 (:data:`oba.data.normalization.MNIST_MEAN`, ``MNIST_STD``).
 """
 
 from __future__ import annotations
