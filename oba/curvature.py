@@ -150,7 +150,7 @@ def _detached(tensors: Mapping[str, Tensor]) -> Params:
     return OrderedDict((n, t.detach()) for n, t in tensors.items())
 
 
-def _check_vector(vector: Mapping[str, Tensor], primals: Params) -> Params:
+def check_vector(vector: Mapping[str, Tensor], primals: Params) -> Params:
     missing = [n for n in primals if n not in vector]
     extra = [n for n in vector if n not in primals]
     if missing or extra:
@@ -203,7 +203,7 @@ def curvature_context(model: nn.Module) -> Iterator[None]:
             m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = hooks, pre_hooks, full
 
 
-def _split_batch(batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
+def split_batch(batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             "batch must be a pair (inputs, targets), where inputs is a Tensor or a tuple of Tensors "
@@ -217,7 +217,7 @@ def _split_batch(batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
 def loss_function(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Callable[[Params], Tensor]:
     """The pure function :math:`\\theta \\mapsto L(\\theta)` on ``batch`` (parameters not in the dict
     are taken from ``model``). Call it inside :func:`curvature_context` for second derivatives."""
-    args, targets = _split_batch(batch)
+    args, targets = split_batch(batch)
 
     def f(p: Params) -> Tensor:
         return loss_fn(functional_call(model, p, args), targets)
@@ -244,7 +244,7 @@ def hvp(model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str, Te
     Returns a dict name -> tensor shaped like the parameter.
     """
     primals = select_params(model, params)
-    tangents = _check_vector(vector, primals)
+    tangents = check_vector(vector, primals)
     with curvature_context(model):
         _, out = jvp(grad(loss_function(model, loss_fn, batch)), (primals,), (tangents,))
     return _detached(out)
@@ -314,8 +314,8 @@ def ggn_vp(model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str,
     the Hessian decomposition (for a convex loss it is positive semi-definite).
     """
     primals = select_params(model, params)
-    tangents = _check_vector(vector, primals)
-    args, targets = _split_batch(batch)
+    tangents = check_vector(vector, primals)
+    args, targets = split_batch(batch)
 
     def outputs(p: Params) -> Tensor:
         return functional_call(model, p, args)
@@ -347,7 +347,7 @@ def per_sample_gradients(
             f"the samples): {', '.join(bn_train)}. Call model.eval() first."
         )
     primals = select_params(model, params)
-    args, targets = _split_batch(batch)
+    args, targets = split_batch(batch)
 
     def sample_loss(p: Params, sample_args: tuple[Tensor, ...], target: Tensor) -> Tensor:
         out = functional_call(model, p, tuple(a.unsqueeze(0) for a in sample_args))
@@ -371,7 +371,7 @@ def empirical_fisher_vp(
     :math:`g_n` are the :func:`per_sample_gradients`; in matrix form :math:`F = \mathcal{G}^\top
     \mathcal{G}/N` with :math:`\mathcal{G} \in \mathbb{R}^{N\times P}` (materialised, so N x P must fit).
     """
-    tangents = _check_vector(vector, select_params(model, params))
+    tangents = check_vector(vector, select_params(model, params))
     grads = per_sample_gradients(model, loss_fn, batch, list(tangents), chunk_size=chunk_size)
     n = next(iter(grads.values())).shape[0]
     gmat = torch.cat([g.reshape(n, -1) for g in grads.values()], dim=1)  # [N, P]
@@ -395,7 +395,7 @@ def finite_difference_hvp(
     within :math:`\epsilon` (no ReLU/max-pool kink crossed, which random inputs make unlikely).
     """
     primals = select_params(model, params)
-    tangents = _check_vector(vector, primals)
+    tangents = check_vector(vector, primals)
     f = loss_function(model, loss_fn, batch)
     with curvature_context(model):
         plus = grad(f)(OrderedDict((n, p + eps * tangents[n]) for n, p in primals.items()))

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import dense_ggn, fd_hessian, random_vector, rel_err
 from torch import nn
 
 import oba
@@ -33,26 +34,6 @@ from oba.toynets import TOY_CASES, make_case
 
 FD_RTOL = 1e-6  # finite differences: O(eps^2) truncation + O(macheps/eps) round-off
 EXACT_RTOL = 1e-10  # two exact methods in float64
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
-def random_vector(like, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return OrderedDict((n, torch.randn(p.shape, generator=gen, dtype=p.dtype)) for n, p in like.items())
-
-
-def fd_hessian(case) -> torch.Tensor:
-    primals = select_params(case.model)
-    size = sum(p.numel() for p in primals.values())
-    eye = torch.eye(size, dtype=torch.float64)
-    cols = [
-        flatten_params(finite_difference_hvp(case.model, case.loss_fn, case.batch, unflatten_params(eye[i], primals)))
-        for i in range(size)
-    ]
-    return torch.stack(cols, dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -278,22 +259,6 @@ def test_torchvision_resnet18(train):
 # -------------------------------------------------------------------------------------------------
 # Gauss-Newton, per-sample gradients, empirical Fisher
 # -------------------------------------------------------------------------------------------------
-def dense_ggn(case) -> torch.Tensor:
-    """J^T H_z J with J from jacrev (first-order, reliable) and H_z of the loss in output space."""
-    primals = select_params(case.model)
-    x, y = case.batch
-
-    def out(t):
-        with oba.curvature_context(case.model):
-            return torch.func.functional_call(case.model, unflatten_params(t, primals), (x,))
-
-    theta = flatten_params(primals)
-    z = out(theta)
-    J = torch.autograd.functional.jacobian(out, theta).reshape(z.numel(), -1)
-    Hz = torch.autograd.functional.hessian(lambda zz: case.loss_fn(zz.view_as(z), y), z.reshape(-1))
-    return J.T @ Hz @ J
-
-
 @pytest.mark.parametrize("name", TOY_CASES)
 def test_ggn_vp_matches_dense_gauss_newton(name):
     case = make_case(name)

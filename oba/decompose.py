@@ -1,0 +1,369 @@
+r"""The layer-wise decomposition of the Hessian into four terms, each applied to a vector.
+
+For a loss :math:`\ell(z)` of the model output :math:`z = f_\theta(X)` computed by a graph of ops
+:math:`y_c = \mathrm{op}_c(a_{c,1}, a_{c,2}, \dots)`, the second-order chain rule gives
+
+.. math::
+    H = \underbrace{J_z^\top \nabla^2_z\ell\, J_z}_{T_1\ \text{gauss\_newton}}
+      + \sum_c \sum_{i,j} J_{a_{c,i}}^\top\, M^{c}_{ij}\, J_{a_{c,j}},
+    \qquad M^{c}_{ij} = \frac{\partial^2 \langle G_c, \mathrm{op}_c\rangle}{\partial a_{c,i}\,\partial a_{c,j}},
+
+with :math:`G_c = \partial L / \partial y_c` the output gradient of node :math:`c` and
+:math:`J_a = \partial a / \partial \theta` (a parameter is its own operand with :math:`J = I`).
+Each op's second derivative :math:`M^c_{ij}` falls into one of three kinds, by its operands:
+
+* ``series`` (:math:`T_2`): a parameter (or parameter-only tensor) times an activation, e.g.
+  :math:`Y = XW^\top + b`, a convolution, the affine part of BatchNorm/LayerNorm. Couples :math:`W^{(l)}`
+  with every parameter upstream of its input :math:`X^{(l)}`: :math:`\partial^2 Y/\partial W \partial X \ne 0`.
+* ``parallel`` (:math:`T_3`): a product of two activations (:math:`QK^\top`, :math:`\mathrm{softmax}(A)V`,
+  gating), or of a tensor with itself in two operand slots. Couples the parameters feeding either operand.
+* ``nonlinear`` (:math:`T_4`): the curvature of one operand of a non-linear op (:math:`i = j`): GELU/SiLU
+  :math:`\sigma''`, softmax, the normalisation of LayerNorm and of train-mode BatchNorm.
+  ReLU and max-pooling contribute 0 almost everywhere; linear ops (views, sums, pooling) nothing.
+
+:math:`T_1+T_2+T_3+T_4 = H` exactly. Consequences: under :math:`T_2+T_3`, the block
+:math:`H_{W^{(l)}W^{(k)}}` is non-zero only if :math:`k` is upstream of :math:`l` (series) or both feed opposite
+operands of a later product (parallel); a layer's diagonal block comes from :math:`T_1` and :math:`T_4` only.
+
+Computation of :math:`T_k v` (:func:`decomposed_hvp`), the efficient way: the model is traced once to its
+ATen graph (``make_fx``); one forward pass caches every node's value :math:`a` and, forward-mode, its tangent
+:math:`da = J_a v` (propagated op by op); one backward pass caches every output gradient :math:`G_c` (and
+each op's pullback). Each op then emits second-order *sources* on its operands,
+:math:`s_{c,i} = \sum_j M^c_{ij}\, da_{c,j}` (an op-level ``jvp`` of the op's ``vjp`` at fixed :math:`G_c`:
+the product rule with the tangents, e.g. :math:`G_S\,dK` for :math:`S = QK^\top`, and for softmax its
+Jacobian :math:`\mathrm{diag}(s) - ss^\top` applied row by row; no :math:`n^3` tensor is formed). Sources on
+parameters are the *downward* part; sources on activations are pulled back to the parameters by ONE
+first-order backward pass per term (the *upward* part), re-using the cached pullbacks. :math:`T_1 v` is the
+backward pass seeded with :math:`\nabla^2_z\ell\,(J_z v)`. Parameters that enter an op together with
+nothing downstream of the data (e.g. ``weight_orig * weight_mask``) are ``series`` if paired with data and
+``parallel`` if paired with each other.
+
+Runs inside :func:`oba.curvature.curvature_context` (train-mode BatchNorm uses batch statistics without
+touching its running statistics, no hooks are attached, the math attention kernel).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.func import functional_call, grad, jvp, vjp
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from oba.curvature import Batch, LossFn, Params, check_vector, curvature_context, select_params, split_batch
+
+__all__ = ["TERMS", "decomposed_hvp", "term_hvp", "hessian_block_structure"]
+
+TERMS: tuple[str, ...] = ("gauss_newton", "series", "parallel", "nonlinear")
+
+aten = torch.ops.aten
+#: ops whose second derivative vanishes in every pair of operands: no sources to compute
+_LINEAR_OPS = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.neg.default,
+    aten.cat.default,
+    aten.stack.default,
+    aten.sum.dim_IntList,
+    aten.sum.default,
+    aten.mean.dim,
+    aten.mean.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.mul.Scalar,
+    aten.div.Scalar,
+    aten.avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.constant_pad_nd.default,
+}
+
+
+@dataclass
+class _Op:
+    """One traced op: the call, which of its (flattened) operands carry a tangent, and their kinds."""
+
+    node: fx.Node
+    leaves: list[Any]  # flattened (args, kwargs); fx.Node leaves are operands
+    spec: Any
+    slots: list[int]  # positions in `leaves` of operands with a tangent (they depend on the parameters)
+
+    def call(self, values: Sequence[Tensor], env: Mapping[fx.Node, Any]) -> Any:
+        """Evaluate with the tangent-carrying operands replaced by ``values``."""
+        leaves = [env[x] if isinstance(x, fx.Node) else x for x in self.leaves]
+        for k, v in zip(self.slots, values, strict=True):
+            leaves[k] = v
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.node.target(*args, **kwargs)
+
+    def call_differentiable(self, values: Sequence[Tensor], env: Mapping[fx.Node, Any]) -> Any:
+        """As :meth:`call`, keeping only floating-point outputs (e.g. drops max-pool indices)."""
+        out = self.call(values, env)
+        if isinstance(out, (tuple, list)):
+            return tuple(o for o in out if isinstance(o, Tensor) and o.is_floating_point())
+        return out
+
+
+class _Trace:
+    """Forward values and tangents, output gradients and pullbacks of one model on one batch."""
+
+    def __init__(self, model: nn.Module, primals: Params, tangents: Params, args: tuple[Tensor, ...]):
+        def f(p: Params, *a: Tensor) -> Tensor:
+            return functional_call(model, p, a)
+
+        self.gm = make_fx(f)(primals, *args)
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self.param_nodes = OrderedDict(zip(primals, placeholders[: len(primals)], strict=True))
+        self.value: dict[fx.Node, Any] = {}
+        self.tangent: dict[fx.Node, Any] = {}
+        self.kind: dict[fx.Node, str] = {}  # "param": depends on parameters only; "data": on the inputs too
+        self.ops: dict[fx.Node, _Op] = {}
+        flat_inputs = list(primals.values()) + list(args)
+        for i, node in enumerate(placeholders):
+            self.value[node] = flat_inputs[i]
+            is_param = i < len(primals)
+            self.tangent[node] = tangents[list(primals)[i]] if is_param else None
+            self.kind[node] = "param" if is_param else "data"
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr":
+                self.value[node], self.tangent[node], self.kind[node] = getattr(self.gm, node.target), None, "const"
+            elif node.op == "call_function":
+                self._forward(node)
+            elif node.op == "output":
+                out = node.args[0]
+                out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+                if not isinstance(out, fx.Node) or not isinstance(self.value[out], Tensor):
+                    raise TypeError("the model must return a single tensor (the logits) for the decomposition")
+                self.output = out
+
+    def _forward(self, node: fx.Node) -> None:
+        if node.target is operator.getitem:
+            src, idx = node.args
+            self.value[node] = self.value[src][idx]
+            tan = self.tangent[src]
+            self.tangent[node] = None if tan is None else tan[idx]
+            self.kind[node] = self.kind[src]
+            return
+        leaves, spec = tree_flatten((node.args, node.kwargs))
+        operands = [x for x in leaves if isinstance(x, fx.Node)]
+        kinds = {self.kind[x] for x in operands}
+        self.kind[node] = "data" if "data" in kinds else ("param" if "param" in kinds else "const")
+        slots = [k for k, x in enumerate(leaves) if isinstance(x, fx.Node) and self.tangent[x] is not None]
+        op = _Op(node, leaves, spec, slots)
+        if not slots:
+            self.value[node] = op.call([], self.value)
+            self.tangent[node] = None
+            return
+        self.ops[node] = op
+        primal = tuple(self.value[leaves[k]] for k in slots)
+        tangent = tuple(self.tangent[leaves[k]] for k in slots)
+        value, tan = jvp(lambda *xs: op.call(xs, self.value), primal, tangent)
+        self.value[node] = value
+        if isinstance(value, (tuple, list)):
+            self.tangent[node] = tuple(t if v.is_floating_point() else None for v, t in zip(value, tan, strict=True))
+        else:
+            self.tangent[node] = tan
+
+    def pullback(self, node: fx.Node) -> Callable[[Any], tuple[Tensor, ...]]:
+        """The op's VJP w.r.t. its tangent-carrying operands (computed once, cached)."""
+        op = self.ops[node]
+        if not hasattr(op, "vjp_fn"):
+            primal = tuple(self.value[op.leaves[k]] for k in op.slots)
+            _, op.vjp_fn = vjp(lambda *xs: op.call_differentiable(xs, self.value), *primal)
+        return op.vjp_fn
+
+    def _cotangent_struct(self, node: fx.Node, cot: Any) -> Any:
+        """The cotangent in the shape :meth:`_Op.call_differentiable` returns (zeros where none arrived)."""
+        value = self.value[node]
+        if not isinstance(value, (tuple, list)):
+            return cot
+        return tuple(
+            c if c is not None else torch.zeros_like(v)
+            for v, c in zip(value, cot, strict=True)
+            if isinstance(v, Tensor) and v.is_floating_point()
+        )
+
+    def backward(self, seeds: Mapping[fx.Node, Tensor]) -> dict[fx.Node, Any]:
+        """Pull cotangents ``seeds`` (placed on any nodes) back through the graph with first-order VJPs.
+
+        Returns the accumulated cotangent of every node reached (tuples for multi-output ops).
+        """
+        cot: dict[fx.Node, Any] = {}
+
+        def add(node: fx.Node, value: Tensor, index: int | None = None) -> None:
+            if index is None:
+                cot[node] = value if node not in cot else cot[node] + value
+            else:
+                parts = list(cot.get(node, (None,) * len(self.value[node])))
+                parts[index] = value if parts[index] is None else parts[index] + value
+                cot[node] = tuple(parts)
+
+        for node, value in seeds.items():
+            add(node, value)
+        for node in reversed(list(self.gm.graph.nodes)):
+            if node not in cot or node.op != "call_function":
+                continue
+            if node.target is operator.getitem:
+                src, idx = node.args
+                if self.tangent[src] is not None:
+                    add(src, cot[node], idx)
+                continue
+            if node not in self.ops:
+                continue
+            grads = self.pullback(node)(self._cotangent_struct(node, cot[node]))
+            for k, g in zip(self.ops[node].slots, grads, strict=True):
+                add(self.ops[node].leaves[k], g)
+        return cot
+
+    def sources(self, gradients: Mapping[fx.Node, Any]) -> dict[str, dict[fx.Node, Tensor]]:
+        r"""Second-order sources :math:`s_{c,i} = \sum_j M^c_{ij} da_{c,j}` of every op, split by term."""
+        out: dict[str, dict[fx.Node, Tensor]] = {"series": {}, "parallel": {}, "nonlinear": {}}
+        for node, op in self.ops.items():
+            if node.target in _LINEAR_OPS or node not in gradients:
+                continue
+            g = self._cotangent_struct(node, gradients[node])
+            primal = [self.value[op.leaves[k]] for k in op.slots]
+
+            def op_vjp(*xs: Tensor, op: _Op = op, g: Any = g) -> tuple[Tensor, ...]:
+                return vjp(lambda *ys: op.call_differentiable(ys, self.value), *xs)[1](g)
+
+            for j, slot_j in enumerate(op.slots):
+                d_j = self.tangent[op.leaves[slot_j]]
+
+                def vary_j(x_j: Tensor, j: int = j, primal: list[Tensor] = primal) -> tuple[Tensor, ...]:
+                    xs = list(primal)
+                    xs[j] = x_j
+                    return op_vjp(*xs)
+
+                _, src = jvp(vary_j, (primal[j],), (d_j,))
+                for i, slot_i in enumerate(op.slots):
+                    node_i, node_j = op.leaves[slot_i], op.leaves[slot_j]
+                    if i == j:
+                        term = "nonlinear"
+                    elif {self.kind[node_i], self.kind[node_j]} == {"param", "data"}:
+                        term = "series"
+                    else:
+                        term = "parallel"
+                    acc = out[term]
+                    acc[node_i] = src[i] if node_i not in acc else acc[node_i] + src[i]
+        return out
+
+
+def decomposed_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    vector: Mapping[str, Tensor],
+    params=None,
+    *,
+    terms: Sequence[str] = TERMS,
+) -> dict[str, Params]:
+    r"""Each term of the Hessian decomposition times ``vector``: ``{term: {param name: (T_term v)_param}}``.
+
+    ``terms`` is any subset of :data:`TERMS` = (``"gauss_newton"``, ``"series"``, ``"parallel"``,
+    ``"nonlinear"``); the four together sum to :func:`oba.hvp` (see the module docstring for the math).
+    The cost is one traced forward with tangents, one backward, the op-level sources and one extra backward
+    per requested term.
+    """
+    unknown = set(terms) - set(TERMS)
+    if unknown:
+        raise ValueError(f"unknown term(s) {sorted(unknown)}; choose from {', '.join(TERMS)}")
+    primals = select_params(model, params)
+    tangents = check_vector(vector, primals)
+    args, targets = split_batch(batch)
+
+    def loss_of_outputs(z: Tensor) -> Tensor:
+        return loss_fn(z, targets)
+
+    with curvature_context(model):
+        trace = _Trace(model, primals, tangents, args)
+        z, dz = trace.value[trace.output], trace.tangent[trace.output]
+        if dz is None:
+            raise ValueError("the model output does not depend on the selected parameters")
+        g_z, hdz = jvp(grad(loss_of_outputs), (z.detach(),), (dz,))
+        gradients = trace.backward({trace.output: g_z})
+        seeds = trace.sources(gradients) if set(terms) - {"gauss_newton"} else {}
+        seeds["gauss_newton"] = {trace.output: hdz}
+        result = {}
+        for term in terms:
+            cot = trace.backward(seeds[term])
+            result[term] = OrderedDict(
+                (n, cot[node].detach() if node in cot else torch.zeros_like(primals[n]))
+                for n, node in trace.param_nodes.items()
+            )
+    return result
+
+
+def term_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    vector: Mapping[str, Tensor],
+    params=None,
+    *,
+    terms: Sequence[str] = TERMS,
+) -> Params:
+    """:math:`\\sum_{k \\in \\text{terms}} T_k v`: the Hessian restricted to a subset of the four terms.
+
+    ``terms=("series", "parallel")`` is what the published OBA code computes; all four give :math:`Hv`.
+    """
+    parts = decomposed_hvp(model, loss_fn, batch, vector, params, terms=terms)
+    names = list(next(iter(parts.values())))
+    return OrderedDict((n, sum(parts[t][n] for t in terms)) for n in names)
+
+
+def hessian_block_structure(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    params=None,
+    *,
+    rtol: float = 1e-8,
+    seed: int = 0,
+) -> tuple[list[str], dict[str, Tensor]]:
+    r"""Which (layer, layer) blocks of each term are non-zero on this model and batch.
+
+    Layers are the modules owning the selected parameters (``"fc1"`` for ``fc1.weight`` and
+    ``fc1.bias``). For each layer :math:`l` a random Gaussian vector supported on :math:`l` is applied to
+    every term; block :math:`(k, l)` of term :math:`T` is reported non-zero when
+    :math:`\|(T v_l)_k\| > \text{rtol} \cdot \max_{k', l'} \|(T' v_{l'})_{k'}\|` over all terms (a non-zero
+    block maps a random vector to zero with probability 0).
+
+    Returns ``(layer names, {term: bool tensor [L, L]})``, rows = output layer k, columns = probed layer l.
+    """
+    primals = select_params(model, params)
+    layer_of = {n: n.rpartition(".")[0] for n in primals}
+    layers = list(OrderedDict.fromkeys(layer_of.values()))
+    gen = torch.Generator().manual_seed(seed)
+    norms = {t: torch.zeros(len(layers), len(layers), dtype=torch.float64) for t in TERMS}
+    for col, layer in enumerate(layers):
+        v = OrderedDict(
+            (n, torch.randn(p.shape, generator=gen).to(p) if layer_of[n] == layer else torch.zeros_like(p))
+            for n, p in primals.items()
+        )
+        parts = decomposed_hvp(model, loss_fn, batch, v, list(primals))
+        for term, hv in parts.items():
+            for n, t in hv.items():
+                row = layers.index(layer_of[n])
+                norms[term][row, col] = (norms[term][row, col] ** 2 + t.double().pow(2).sum()).sqrt()
+    scale = max(float(m.max()) for m in norms.values())
+    return layers, {t: m > rtol * scale for t, m in norms.items()}
