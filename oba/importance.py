@@ -23,6 +23,8 @@ tensor per parameter, shaped like it; :math:`\odot` is the element-wise product)
                     ``first_order=True`` gives
                     :math:`g \odot \delta\theta + \tfrac12\,\delta\theta \odot H\delta\theta`,
                     whose sum is the whole Taylor estimate of :math:`\Delta L` above.
+                    ``terms=("series", "parallel")`` uses only those terms of the layer-wise
+                    decomposition (:mod:`oba.decompose`): the published code's two-term criterion.
 ==================  ================================================================================
 
 Scores of data-dependent criteria are the mean of the per-batch scores over the batches. They are
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +58,7 @@ from oba.curvature import (
     per_sample_gradients,
     select_params,
 )
+from oba.decompose import TERMS, term_hvp
 
 __all__ = ["CRITERIA", "score"]
 
@@ -66,7 +69,7 @@ _OPTIONS: dict[str, set[str]] = {
     "taylor": set(),
     "obd_fisher": {"fisher", "chunk_size"},
     "obd_hessian": {"method", "samples", "max_exact", "seed"},
-    "oba": {"delta", "first_order"},
+    "oba": {"delta", "first_order", "terms"},
 }
 
 
@@ -97,7 +100,9 @@ def score(
             (``"per_sample"`` default, or ``"per_batch"``), ``chunk_size``; ``obd_hessian``: ``method``
             (``"auto"``, ``"exact"``, ``"hutchinson"``), ``samples`` (probes per batch, default 16),
             ``max_exact``, ``seed``; ``oba``: ``delta`` (a dict shaped like the parameters, the change
-            removal makes; default ``-θ``), ``first_order`` (default False).
+            removal makes; default ``-θ``), ``first_order`` (default False), ``terms`` (a subset of
+            :data:`oba.decompose.TERMS`: replace H by those terms of its decomposition;
+            ``("series", "parallel")`` is the published OBA code's criterion; default all four, exactly H).
 
     Returns:
         dict name -> tensor shaped like the parameter (detached, the parameter's dtype and device).
@@ -196,10 +201,14 @@ def _oba(
     *,
     delta: Mapping[str, Tensor] | None = None,
     first_order: bool = False,
+    terms: Sequence[str] | None = None,
     **_: Any,
 ) -> Params:
     d = OrderedDict((n, -t) for n, t in theta.items()) if delta is None else delta
-    hd = hvp(model, loss_fn, batch, d, list(theta))
+    if terms is None or set(terms) == set(TERMS):
+        hd = hvp(model, loss_fn, batch, d, list(theta))
+    else:
+        hd = term_hvp(model, loss_fn, batch, d, list(theta), terms=terms)
     if not first_order:
         return OrderedDict((n, d[n] * hd[n]) for n in theta)
     g = gradient(model, loss_fn, batch, list(theta))
