@@ -98,6 +98,35 @@ _LINEAR_OPS = {
 }
 
 
+#: ops with zero second derivative almost everywhere (piecewise linear)
+_PIECEWISE_LINEAR_OPS = {aten.relu.default, aten.max_pool2d_with_indices.default}
+#: bilinear ops -> the positions of their two operands: the mixed derivative applied to a tangent is the
+#: op's pullback evaluated with the other operand replaced by its tangent (e.g. conv input-grad of (G, dW))
+_BILINEAR_OPS = {
+    aten.convolution.default: (0, 1),
+    aten.addmm.default: (1, 2),
+    aten.mm.default: (0, 1),
+    aten.bmm.default: (0, 1),
+    aten.mul.Tensor: (0, 1),
+}
+
+
+#: normalisations y = weight * normalise(x) + bias -> (argument index of weight, of bias): linear in the
+#: bias (no second derivative), and in the weight, whose mixed derivative with x applied to d(weight) is the
+#: op's pullback w.r.t. x with weight replaced by d(weight)
+_AFFINE_NORM_OPS = {
+    aten.native_batch_norm.default: (1, 2),
+    aten.native_layer_norm.default: (2, 3),
+}
+
+
+def _differentiable_outputs(out: Any) -> Any:
+    """An op's output without its non-floating-point parts (e.g. max-pool indices)."""
+    if isinstance(out, (tuple, list)):
+        return tuple(o for o in out if isinstance(o, Tensor) and o.is_floating_point())
+    return out
+
+
 @dataclass
 class _Op:
     """One traced op: the call, which of its (flattened) operands carry a tangent, and their kinds."""
@@ -115,12 +144,27 @@ class _Op:
         args, kwargs = tree_unflatten(leaves, self.spec)
         return self.node.target(*args, **kwargs)
 
+    def leaf_of_arg(self, index: int) -> int:
+        """Position in :attr:`leaves` of positional argument ``index`` (a tensor argument)."""
+        return sum(len(tree_flatten(a)[0]) for a in self.node.args[:index])
+
+    def pullback_at(self, env: Mapping[fx.Node, Any], wrt: int, replace: int, by: Tensor, cot: Any) -> Tensor:
+        """VJP w.r.t. leaf ``wrt`` of the op with leaf ``replace`` set to ``by``, applied to ``cot``
+        (structured as :meth:`call_differentiable`'s output)."""
+        leaves = [env[x] if isinstance(x, fx.Node) else x for x in self.leaves]
+        leaves[replace] = by
+
+        def f(x: Tensor) -> Any:
+            ls = list(leaves)
+            ls[wrt] = x
+            args, kwargs = tree_unflatten(ls, self.spec)
+            return _differentiable_outputs(self.node.target(*args, **kwargs))
+
+        return vjp(f, leaves[wrt])[1](cot)[0]
+
     def call_differentiable(self, values: Sequence[Tensor], env: Mapping[fx.Node, Any]) -> Any:
         """As :meth:`call`, keeping only floating-point outputs (e.g. drops max-pool indices)."""
-        out = self.call(values, env)
-        if isinstance(out, (tuple, list)):
-            return tuple(o for o in out if isinstance(o, Tensor) and o.is_floating_point())
-        return out
+        return _differentiable_outputs(self.call(values, env))
 
 
 class _Trace:
@@ -191,20 +235,24 @@ class _Trace:
             _, op.vjp_fn = vjp(lambda *xs: op.call_differentiable(xs, self.value), *primal)
         return op.vjp_fn
 
-    def _cotangent_struct(self, node: fx.Node, cot: Any) -> Any:
-        """The cotangent in the shape :meth:`_Op.call_differentiable` returns (zeros where none arrived)."""
+    def _cotangent_struct(self, node: fx.Node, cot: Any, stacked: int | None = None) -> Any:
+        """The cotangent in the shape :meth:`_Op.call_differentiable` returns (zeros where none arrived;
+        with a leading dimension of size ``stacked`` when cotangents are stacked)."""
         value = self.value[node]
         if not isinstance(value, (tuple, list)):
             return cot
+        lead = () if stacked is None else (stacked,)
         return tuple(
-            c if c is not None else torch.zeros_like(v)
+            c if c is not None else v.new_zeros(lead + tuple(v.shape))
             for v, c in zip(value, cot, strict=True)
             if isinstance(v, Tensor) and v.is_floating_point()
         )
 
-    def backward(self, seeds: Mapping[fx.Node, Tensor]) -> dict[fx.Node, Any]:
+    def backward(self, seeds: Mapping[fx.Node, Tensor], stacked: int | None = None) -> dict[fx.Node, Any]:
         """Pull cotangents ``seeds`` (placed on any nodes) back through the graph with first-order VJPs.
 
+        With ``stacked=T`` every seed has a leading dimension of size T (T independent cotangents, e.g.
+        one per term) and the cached pullbacks are ``vmap``-ed over it: one sweep for all T.
         Returns the accumulated cotangent of every node reached (tuples for multi-output ops).
         """
         cot: dict[fx.Node, Any] = {}
@@ -229,42 +277,67 @@ class _Trace:
                 continue
             if node not in self.ops:
                 continue
-            grads = self.pullback(node)(self._cotangent_struct(node, cot[node]))
+            pullback = self.pullback(node) if stacked is None else torch.vmap(self.pullback(node))
+            grads = pullback(self._cotangent_struct(node, cot[node], stacked))
             for k, g in zip(self.ops[node].slots, grads, strict=True):
                 add(self.ops[node].leaves[k], g)
         return cot
 
+    def _term(self, node_i: fx.Node, node_j: fx.Node, same_slot: bool) -> str:
+        """The term a second derivative between operands ``node_i`` and ``node_j`` of one op belongs to."""
+        if same_slot:
+            return "nonlinear"
+        if {self.kind[node_i], self.kind[node_j]} == {"param", "data"}:
+            return "series"
+        return "parallel"
+
     def sources(self, gradients: Mapping[fx.Node, Any]) -> dict[str, dict[fx.Node, Tensor]]:
         r"""Second-order sources :math:`s_{c,i} = \sum_j M^c_{ij} da_{c,j}` of every op, split by term."""
         out: dict[str, dict[fx.Node, Tensor]] = {"series": {}, "parallel": {}, "nonlinear": {}}
+
+        def add(term: str, node: fx.Node, value: Tensor) -> None:
+            out[term][node] = value if node not in out[term] else out[term][node] + value
+
         for node, op in self.ops.items():
-            if node.target in _LINEAR_OPS or node not in gradients:
+            if node.target in _LINEAR_OPS or node.target in _PIECEWISE_LINEAR_OPS or node not in gradients:
                 continue
             g = self._cotangent_struct(node, gradients[node])
+            if node.target in _BILINEAR_OPS:
+                p, q = _BILINEAR_OPS[node.target]
+                if p in op.slots and q in op.slots:  # both operands depend on the parameters
+                    node_p, node_q = op.leaves[p], op.leaves[q]
+                    term = self._term(node_p, node_q, same_slot=False)
+                    add(term, node_p, op.pullback_at(self.value, p, q, self.tangent[node_q], g))
+                    add(term, node_q, op.pullback_at(self.value, q, p, self.tangent[node_p], g))
+                continue
+            skip: set[int] = set()  # slots whose tangent emits no source through the generic path
+            if node.target in _AFFINE_NORM_OPS:
+                weight, bias = (op.leaf_of_arg(a) for a in _AFFINE_NORM_OPS[node.target])
+                skip = {weight, bias}
+                if weight in op.slots:
+                    d_w = self.tangent[op.leaves[weight]]
+                    for k in op.slots:
+                        if k not in skip:
+                            value = op.pullback_at(self.value, k, weight, d_w, g)
+                            add(self._term(op.leaves[k], op.leaves[weight], same_slot=False), op.leaves[k], value)
             primal = [self.value[op.leaves[k]] for k in op.slots]
 
             def op_vjp(*xs: Tensor, op: _Op = op, g: Any = g) -> tuple[Tensor, ...]:
                 return vjp(lambda *ys: op.call_differentiable(ys, self.value), *xs)[1](g)
 
             for j, slot_j in enumerate(op.slots):
-                d_j = self.tangent[op.leaves[slot_j]]
+                if slot_j in skip:
+                    continue
 
                 def vary_j(x_j: Tensor, j: int = j, primal: list[Tensor] = primal) -> tuple[Tensor, ...]:
                     xs = list(primal)
                     xs[j] = x_j
                     return op_vjp(*xs)
 
-                _, src = jvp(vary_j, (primal[j],), (d_j,))
+                _, src = jvp(vary_j, (primal[j],), (self.tangent[op.leaves[slot_j]],))
                 for i, slot_i in enumerate(op.slots):
-                    node_i, node_j = op.leaves[slot_i], op.leaves[slot_j]
-                    if i == j:
-                        term = "nonlinear"
-                    elif {self.kind[node_i], self.kind[node_j]} == {"param", "data"}:
-                        term = "series"
-                    else:
-                        term = "parallel"
-                    acc = out[term]
-                    acc[node_i] = src[i] if node_i not in acc else acc[node_i] + src[i]
+                    node_i = op.leaves[slot_i]
+                    add(self._term(node_i, op.leaves[slot_j], same_slot=i == j), node_i, src[i])
         return out
 
 
@@ -303,11 +376,16 @@ def decomposed_hvp(
         gradients = trace.backward({trace.output: g_z})
         seeds = trace.sources(gradients) if set(terms) - {"gauss_newton"} else {}
         seeds["gauss_newton"] = {trace.output: hdz}
+        nodes = {node: value for term in terms for node, value in seeds[term].items()}
+        stacked_seeds = {
+            node: torch.stack([seeds[t].get(node, torch.zeros_like(value)) for t in terms])
+            for node, value in nodes.items()
+        }
+        cot = trace.backward(stacked_seeds, stacked=len(terms))  # one sweep for all terms
         result = {}
-        for term in terms:
-            cot = trace.backward(seeds[term])
+        for k, term in enumerate(terms):
             result[term] = OrderedDict(
-                (n, cot[node].detach() if node in cot else torch.zeros_like(primals[n]))
+                (n, cot[node][k].detach() if node in cot else torch.zeros_like(primals[n]))
                 for n, node in trace.param_nodes.items()
             )
     return result

@@ -1,0 +1,98 @@
+"""Cost of one exact OBA scoring batch against a plain gradient step, measured side by side.
+
+    python benchmarks/oba_speed.py [--model resnet32] [--batch 64] [--repeats 5] [--threads N]
+
+Each method runs in a fresh subprocess (so its peak resident memory is its own): the median wall time of
+``--repeats`` runs after one warm-up, and the peak RSS above the process's footprint after building the
+model and batch. Methods:
+
+* ``fwd+bwd``   one forward and backward pass (``loss.backward()``), the unit of cost;
+* ``gradient``  ``oba.gradient`` (torch.func ``grad``);
+* ``oba exact`` ``oba.score(..., "oba")`` on one batch: one forward-over-reverse Hessian-vector product;
+* ``decomposed`` ``oba.decompose.decomposed_hvp`` of θ: all four terms separately (trace, tangents, one
+  backward, op-level sources, one backward per term).
+
+Goals: exact OBA at most 3x a plain gradient step, the decomposed computation at most 4x. Weights are
+random (the cost does not depend on them); BatchNorm in train mode, as in the published scoring protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("fwd+bwd", "gradient", "oba exact", "decomposed")
+
+
+def measure(method: str, model_name: str, batch: int, repeats: int, threads: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import oba
+    import oba.models
+    from oba.decompose import decomposed_hvp
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = oba.models.create(model_name).train()
+    spec = oba.models.get_spec(model_name)
+    x = torch.randn(batch, *spec.input_shape)
+    y = torch.randint(0, 10, (batch,))
+    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    def grad_only() -> None:
+        oba.gradient(model, F.cross_entropy, (x, y))
+
+    def oba_exact() -> None:
+        oba.score(model, F.cross_entropy, [(x, y)], "oba", progress=False)
+
+    def decomposed() -> None:
+        theta = oba.select_params(model)
+        decomposed_hvp(model, F.cross_entropy, (x, y), theta)
+
+    fn = {"fwd+bwd": fwd_bwd, "gradient": grad_only, "oba exact": oba_exact, "decomposed": decomposed}[method]
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "median_s": statistics.median(times), "peak_mb": (peak_kb - base_kb) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet32")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.model, args.batch, args.repeats, args.threads)))
+        return
+    rows = []
+    for method in METHODS:
+        cmd = [sys.executable, __file__, "--worker", method, "--model", args.model, "--batch", str(args.batch)]
+        cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    unit = rows[0]["median_s"]
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, median of {args.repeats} (CPU)")
+    print(f"{'method':12s} {'median s':>9s} {'x fwd+bwd':>10s} {'peak MB above model':>20s}")
+    for r in rows:
+        print(f"{r['method']:12s} {r['median_s']:9.3f} {r['median_s'] / unit:10.2f} {r['peak_mb']:20.0f}")
+
+
+if __name__ == "__main__":
+    main()
