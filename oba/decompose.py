@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from oba.curvature import Batch, LossFn, Params, check_vector, curvature_context, select_params, split_batch
 
-__all__ = ["TERMS", "decomposed_hvp", "term_hvp", "hessian_block_structure"]
+__all__ = ["TERMS", "HessianDecomposition", "decomposed_hvp", "term_hvp", "hessian_block_structure"]
 
 TERMS: tuple[str, ...] = ("gauss_newton", "series", "parallel", "nonlinear")
 
@@ -170,23 +170,20 @@ class _Op:
 class _Trace:
     """Forward values and tangents, output gradients and pullbacks of one model on one batch."""
 
-    def __init__(self, model: nn.Module, primals: Params, tangents: Params, args: tuple[Tensor, ...]):
-        def f(p: Params, *a: Tensor) -> Tensor:
-            return functional_call(model, p, a)
-
-        self.gm = make_fx(f)(primals, *args)
+    def __init__(self, gm: fx.GraphModule, state: Params, tangents: Params, args: tuple[Tensor, ...]):
+        """``gm`` traced from ``(state, *args)``; ``tangents`` holds the selected parameters' directions."""
+        self.gm = gm
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        self.param_nodes = OrderedDict(zip(primals, placeholders[: len(primals)], strict=True))
+        names = list(state) + [None] * len(args)
+        self.param_nodes = OrderedDict((n, node) for n, node in zip(names, placeholders, strict=True) if n in tangents)
         self.value: dict[fx.Node, Any] = {}
         self.tangent: dict[fx.Node, Any] = {}
         self.kind: dict[fx.Node, str] = {}  # "param": depends on parameters only; "data": on the inputs too
         self.ops: dict[fx.Node, _Op] = {}
-        flat_inputs = list(primals.values()) + list(args)
-        for i, node in enumerate(placeholders):
-            self.value[node] = flat_inputs[i]
-            is_param = i < len(primals)
-            self.tangent[node] = tangents[list(primals)[i]] if is_param else None
-            self.kind[node] = "param" if is_param else "data"
+        for node, name, value in zip(placeholders, names, list(state.values()) + list(args), strict=True):
+            self.value[node] = value
+            self.tangent[node] = tangents.get(name)
+            self.kind[node] = "data" if name is None else ("param" if name in tangents else "const")
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
                 self.value[node], self.tangent[node], self.kind[node] = getattr(self.gm, node.target), None, "const"
@@ -341,6 +338,77 @@ class _Trace:
         return out
 
 
+class HessianDecomposition:
+    """The four-term decomposition of one model's Hessian, re-usable across batches and vectors.
+
+    The model is traced once per input signature (parameter and input shapes and dtypes, train/eval modes)
+    with all its parameters and buffers as graph inputs, so the trace stays valid when their values change
+    (training, BatchNorm statistics); build a new object after changing the model in other ways.
+
+    >>> dec = HessianDecomposition(model, F.cross_entropy)
+    >>> parts = dec(batch, vector)          # {term: {param name: (T_term v)}}
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, params=None):
+        self.model, self.loss_fn = model, loss_fn
+        self.param_names = list(select_params(model, params))
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+
+    def _state(self) -> Params:
+        """Selected parameters first, then every other parameter and buffer (detached)."""
+        state = select_params(self.model, self.param_names)
+        for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            state.setdefault(name, t.detach())
+        return state
+
+    def _graph(self, state: Params, args: tuple[Tensor, ...]) -> fx.GraphModule:
+        key = (
+            tuple((n, tuple(t.shape), t.dtype) for n, t in state.items()),
+            tuple((tuple(a.shape), a.dtype) for a in args),
+            tuple(m.training for m in self.model.modules()),
+        )
+        if key not in self._graphs:
+            model = self.model
+            self._graphs[key] = make_fx(lambda s, *a: functional_call(model, s, a))(state, *args)
+        return self._graphs[key]
+
+    def __call__(self, batch: Batch, vector: Mapping[str, Tensor], terms: Sequence[str] = TERMS) -> dict[str, Params]:
+        r"""Each term times ``vector``: ``{term: {param name: (T_term v)_param}}`` for ``terms`` ⊆ :data:`TERMS`."""
+        unknown = set(terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown term(s) {sorted(unknown)}; choose from {', '.join(TERMS)}")
+        state = self._state()
+        primals = OrderedDict((n, state[n]) for n in self.param_names)
+        tangents = check_vector(vector, primals)
+        args, targets = split_batch(batch)
+
+        def loss_of_outputs(z: Tensor) -> Tensor:
+            return self.loss_fn(z, targets)
+
+        with curvature_context(self.model):
+            trace = _Trace(self._graph(state, args), state, tangents, args)
+            z, dz = trace.value[trace.output], trace.tangent[trace.output]
+            if dz is None:
+                raise ValueError("the model output does not depend on the selected parameters")
+            g_z, hdz = jvp(grad(loss_of_outputs), (z.detach(),), (dz,))
+            gradients = trace.backward({trace.output: g_z})
+            seeds = trace.sources(gradients) if set(terms) - {"gauss_newton"} else {}
+            seeds["gauss_newton"] = {trace.output: hdz}
+            nodes = {node: value for term in terms for node, value in seeds[term].items()}
+            stacked_seeds = {
+                node: torch.stack([seeds[t].get(node, torch.zeros_like(value)) for t in terms])
+                for node, value in nodes.items()
+            }
+            cot = trace.backward(stacked_seeds, stacked=len(terms))  # one sweep for all terms
+        return {
+            term: OrderedDict(
+                (n, cot[node][k].detach() if node in cot else torch.zeros_like(primals[n]))
+                for n, node in trace.param_nodes.items()
+            )
+            for k, term in enumerate(terms)
+        }
+
+
 def decomposed_hvp(
     model: nn.Module,
     loss_fn: LossFn,
@@ -354,41 +422,10 @@ def decomposed_hvp(
 
     ``terms`` is any subset of :data:`TERMS` = (``"gauss_newton"``, ``"series"``, ``"parallel"``,
     ``"nonlinear"``); the four together sum to :func:`oba.hvp` (see the module docstring for the math).
-    The cost is one traced forward with tangents, one backward, the op-level sources and one extra backward
-    per requested term.
+    The cost is one traced forward with tangents, one backward, the op-level sources and one more backward
+    sweep for all requested terms together. For many batches, re-use a :class:`HessianDecomposition`.
     """
-    unknown = set(terms) - set(TERMS)
-    if unknown:
-        raise ValueError(f"unknown term(s) {sorted(unknown)}; choose from {', '.join(TERMS)}")
-    primals = select_params(model, params)
-    tangents = check_vector(vector, primals)
-    args, targets = split_batch(batch)
-
-    def loss_of_outputs(z: Tensor) -> Tensor:
-        return loss_fn(z, targets)
-
-    with curvature_context(model):
-        trace = _Trace(model, primals, tangents, args)
-        z, dz = trace.value[trace.output], trace.tangent[trace.output]
-        if dz is None:
-            raise ValueError("the model output does not depend on the selected parameters")
-        g_z, hdz = jvp(grad(loss_of_outputs), (z.detach(),), (dz,))
-        gradients = trace.backward({trace.output: g_z})
-        seeds = trace.sources(gradients) if set(terms) - {"gauss_newton"} else {}
-        seeds["gauss_newton"] = {trace.output: hdz}
-        nodes = {node: value for term in terms for node, value in seeds[term].items()}
-        stacked_seeds = {
-            node: torch.stack([seeds[t].get(node, torch.zeros_like(value)) for t in terms])
-            for node, value in nodes.items()
-        }
-        cot = trace.backward(stacked_seeds, stacked=len(terms))  # one sweep for all terms
-        result = {}
-        for k, term in enumerate(terms):
-            result[term] = OrderedDict(
-                (n, cot[node][k].detach() if node in cot else torch.zeros_like(primals[n]))
-                for n, node in trace.param_nodes.items()
-            )
-    return result
+    return HessianDecomposition(model, loss_fn, params)(batch, vector, terms)
 
 
 def term_hvp(
@@ -432,13 +469,14 @@ def hessian_block_structure(
     layer_of = {n: n.rpartition(".")[0] for n in primals}
     layers = list(OrderedDict.fromkeys(layer_of.values()))
     gen = torch.Generator().manual_seed(seed)
+    decomposition = HessianDecomposition(model, loss_fn, list(primals))
     norms = {t: torch.zeros(len(layers), len(layers), dtype=torch.float64) for t in TERMS}
     for col, layer in enumerate(layers):
         v = OrderedDict(
             (n, torch.randn(p.shape, generator=gen).to(p) if layer_of[n] == layer else torch.zeros_like(p))
             for n, p in primals.items()
         )
-        parts = decomposed_hvp(model, loss_fn, batch, v, list(primals))
+        parts = decomposition(batch, v)
         for term, hv in parts.items():
             for n, t in hv.items():
                 row = layers.index(layer_of[n])

@@ -58,7 +58,7 @@ from oba.curvature import (
     per_sample_gradients,
     select_params,
 )
-from oba.decompose import TERMS, term_hvp
+from oba.decompose import TERMS, HessianDecomposition
 
 __all__ = ["CRITERIA", "score"]
 
@@ -129,6 +129,8 @@ def score(
     stream = itertools.islice(iter(batches), max_batches)
     total_batches = _length(batches, max_batches)
     generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    if criterion == "oba" and options.get("terms") is not None:  # traced once, re-used for every batch
+        options["decomposition"] = HessianDecomposition(model, loss_fn, list(theta))
     for batch in tqdm(stream, total=total_batches, desc=f"score [{criterion}]", disable=not progress):
         batch = _to_device(batch, device)
         s = per_batch(model, loss_fn, batch, theta, generator=generator, **options)
@@ -202,13 +204,15 @@ def _oba(
     delta: Mapping[str, Tensor] | None = None,
     first_order: bool = False,
     terms: Sequence[str] | None = None,
+    decomposition: HessianDecomposition | None = None,
     **_: Any,
 ) -> Params:
     d = OrderedDict((n, -t) for n, t in theta.items()) if delta is None else delta
     if terms is None or set(terms) == set(TERMS):
         hd = hvp(model, loss_fn, batch, d, list(theta))
     else:
-        hd = term_hvp(model, loss_fn, batch, d, list(theta), terms=terms)
+        parts = decomposition(batch, d, terms)
+        hd = OrderedDict((n, sum(parts[t][n] for t in terms)) for n in theta)
     if not first_order:
         return OrderedDict((n, d[n] * hd[n]) for n in theta)
     g = gradient(model, loss_fn, batch, list(theta))

@@ -12,7 +12,7 @@ from oracles import dense_ggn, random_vector, rel_err
 from torch import nn
 
 from oba.curvature import flatten_params, gradient, hessian, hvp, param_slices, select_params, unflatten_params
-from oba.decompose import TERMS, decomposed_hvp, hessian_block_structure, term_hvp
+from oba.decompose import TERMS, HessianDecomposition, decomposed_hvp, hessian_block_structure, term_hvp
 from oba.toynets import TOY_CASES, make_case
 
 EXACT_RTOL = 1e-10
@@ -107,10 +107,11 @@ def dense_terms(case):
     primals = select_params(case.model)
     size = sum(p.numel() for p in primals.values())
     eye = torch.eye(size, dtype=torch.float64)
+    decomposition = HessianDecomposition(case.model, case.loss_fn)
     cols = {t: [] for t in TERMS}
     for i in range(size):
-        for t, col in parts_of(case, unflatten_params(eye[i], primals)).items():
-            cols[t].append(col)
+        for t, part in decomposition(case.batch, unflatten_params(eye[i], primals)).items():
+            cols[t].append(flatten_params(part))
     return {t: torch.stack(c, dim=1) for t, c in cols.items()}
 
 
@@ -192,3 +193,27 @@ def test_errors():
     model = TwoOutputs().double()
     with pytest.raises(TypeError, match="single tensor"):
         decomposed_hvp(model, lambda z, y: z[0].sum(), case.batch, OrderedDict(random_vector(select_params(model))))
+
+
+def test_a_decomposition_is_reusable_across_batches_and_weight_changes():
+    case = make_case("cnn_bn_train")
+    decomposition = HessianDecomposition(case.model, case.loss_fn)
+    v = random_vector(select_params(case.model))
+    x, y = case.batch
+    other = (torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(5)), y.flip(0))
+    for batch in (case.batch, other):
+        parts = decomposition(batch, v)
+        exact = flatten_params(hvp(case.model, case.loss_fn, batch, v))
+        assert rel_err(sum(flatten_params(p) for p in parts.values()), exact) < EXACT_RTOL
+    with torch.no_grad():  # new weight values, same structure: the cached trace must follow them
+        for p in case.model.parameters():
+            p.mul_(1.1)
+    parts = decomposition(case.batch, v)
+    exact = flatten_params(hvp(case.model, case.loss_fn, case.batch, v))
+    assert rel_err(sum(flatten_params(p) for p in parts.values()), exact) < EXACT_RTOL
+    assert len(decomposition._graphs) == 1
+    case.model.eval()  # a different mode is a different graph
+    parts = decomposition(case.batch, v)
+    exact = flatten_params(hvp(case.model, case.loss_fn, case.batch, v))
+    assert rel_err(sum(flatten_params(p) for p in parts.values()), exact) < EXACT_RTOL
+    assert len(decomposition._graphs) == 2
