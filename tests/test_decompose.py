@@ -217,3 +217,37 @@ def test_a_decomposition_is_reusable_across_batches_and_weight_changes():
     exact = flatten_params(hvp(case.model, case.loss_fn, case.batch, v))
     assert rel_err(sum(flatten_params(p) for p in parts.values()), exact) < EXACT_RTOL
     assert len(decomposition._graphs) == 2
+
+
+class Gated(nn.Module):
+    """y = W_o [(W_a x) ⊙ (W_b x)]: an activation x activation product, the simplest parallel coupling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5, bias=False), nn.Linear(4, 5, bias=False)
+        self.out = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.out(self.a(x) * self.b(x))
+
+
+def test_parallel_term_in_closed_form():
+    """With u = W_a x, w = W_b x, G_h = W_oᵀ G (gradient at h = u ⊙ w):
+    T3 v: W_a gets Σ_n (G_h ⊙ dW_b x) xᵀ and W_b gets Σ_n (G_h ⊙ dW_a x) xᵀ; nothing else."""
+    torch.manual_seed(0)
+    model = Gated().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    v = random_vector(select_params(model), seed=4)
+    parts = decomposed_hvp(model, F.cross_entropy, (x, y), v)
+    G = (torch.softmax(model(x).detach(), 1) - F.one_hot(y, 3)) / len(y)
+    g_h = G @ model.out.weight.detach()
+    expected = {
+        "a.weight": (g_h * (x @ v["b.weight"].T)).T @ x,
+        "b.weight": (g_h * (x @ v["a.weight"].T)).T @ x,
+        "out.weight": torch.zeros(3, 5, dtype=torch.float64),
+    }
+    for name, t in parts["parallel"].items():
+        torch.testing.assert_close(t, expected[name], rtol=1e-12, atol=1e-14)
+    assert all(t.abs().max() == 0 for t in parts["nonlinear"].values())
+    exact = flatten_params(hvp(model, F.cross_entropy, (x, y), v))
+    assert rel_err(sum(flatten_params(p) for p in parts.values()), exact) < EXACT_RTOL

@@ -23,8 +23,6 @@ def test_readme_pruning_snippet(require_data, monkeypatch, data_dir):
     total = sum(mk.numel() for mk in masks)
     assert pruned == round(0.5 * total)
     # the mask follows the OBA score: every kept weight scores at least as high as every pruned one
-    scores = torch.cat(
-        [(t * h).abs().flatten() for t, h in zip(scope["theta"].values(), scope["h_theta"].values(), strict=True)]
-    )
+    scores = torch.cat([scope["scores"][f"{n}.weight"].flatten() for n in scope["convs"]])
     flat_mask = torch.cat([mk.flatten() for mk in masks]).bool()
     assert scores[flat_mask].min() >= scores[~flat_mask].max()
