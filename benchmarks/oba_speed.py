@@ -8,7 +8,9 @@ model and batch. Methods:
 
 * ``fwd+bwd``   one forward and backward pass (``loss.backward()``), the unit of cost;
 * ``gradient``  ``oba.gradient`` (torch.func ``grad``);
-* ``oba exact`` ``oba.score(..., "oba")`` on one batch: one forward-over-reverse Hessian-vector product;
+* ``oba exact`` ``oba.score(..., "oba")`` on one batch: one Hessian-vector product by double backward
+  (``hvp_method="rev_rev"``, the default);
+* ``oba fwd-rev`` the same with the forward-over-reverse HVP (``torch.func.jvp`` of ``grad``);
 * ``decomposed`` ``oba.decompose.HessianDecomposition`` applied to θ: all four terms separately (tangents,
   one backward, op-level sources, one stacked backward for the terms; the model is traced once, at the
   warm-up, as when scoring many batches).
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("fwd+bwd", "gradient", "oba exact", "decomposed")
+METHODS = ("fwd+bwd", "gradient", "oba exact", "oba fwd-rev", "decomposed")
 
 
 def measure(method: str, model_name: str, batch: int, repeats: int, threads: int) -> dict:
@@ -56,12 +58,21 @@ def measure(method: str, model_name: str, batch: int, repeats: int, threads: int
     def oba_exact() -> None:
         oba.score(model, F.cross_entropy, [(x, y)], "oba", progress=False)
 
+    def oba_fwd_rev() -> None:
+        oba.score(model, F.cross_entropy, [(x, y)], "oba", hvp_method="fwd_rev", progress=False)
+
     decomposition = HessianDecomposition(model, F.cross_entropy)  # traced at the warm-up, as when scoring
 
     def decomposed() -> None:
         decomposition((x, y), oba.select_params(model))
 
-    fn = {"fwd+bwd": fwd_bwd, "gradient": grad_only, "oba exact": oba_exact, "decomposed": decomposed}[method]
+    fn = {
+        "fwd+bwd": fwd_bwd,
+        "gradient": grad_only,
+        "oba exact": oba_exact,
+        "oba fwd-rev": oba_fwd_rev,
+        "decomposed": decomposed,
+    }[method]
     fn()  # warm-up
     times = []
     for _ in range(repeats):

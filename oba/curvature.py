@@ -235,19 +235,40 @@ def gradient(model: nn.Module, loss_fn: LossFn, batch: Batch, params=None) -> Pa
         return _detached(grad(loss_function(model, loss_fn, batch))(primals))
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str, Tensor], params=None) -> Params:
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    vector: Mapping[str, Tensor],
+    params=None,
+    *,
+    method: str = "fwd_rev",
+) -> Params:
     r"""Exact Hessian-vector product :math:`H v` of the mean mini-batch loss.
 
-    :math:`Hv = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}`, computed forward-over-reverse
-    (``jvp(grad(L))``), which is verified against finite differences also for LayerNorm and
-    train-mode BatchNorm. ``vector`` maps each selected parameter name to a tensor of its shape.
+    :math:`Hv = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}`, computed with
+
+    * ``method="fwd_rev"`` (default): forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``;
+    * ``method="rev_rev"``: reverse-over-reverse, ``torch.autograd.grad`` of
+      :math:`\langle \nabla_\theta L, v\rangle` (double backward; often faster on CPU).
+
+    Both are verified against finite differences, also for LayerNorm and train-mode BatchNorm.
+    ``vector`` maps each selected parameter name to a tensor of its shape.
     Returns a dict name -> tensor shaped like the parameter.
     """
     primals = select_params(model, params)
     tangents = check_vector(vector, primals)
+    f = loss_function(model, loss_fn, batch)
     with curvature_context(model):
-        _, out = jvp(grad(loss_function(model, loss_fn, batch)), (primals,), (tangents,))
-    return _detached(out)
+        if method == "fwd_rev":
+            _, out = jvp(grad(f), (primals,), (tangents,))
+            return _detached(out)
+        if method != "rev_rev":
+            raise ValueError(f"method must be 'fwd_rev' or 'rev_rev', got {method!r}")
+        leaves = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in primals.items())
+        grads = torch.autograd.grad(f(leaves), list(leaves.values()), create_graph=True)
+        hv = torch.autograd.grad(grads, list(leaves.values()), grad_outputs=list(tangents.values()))
+        return OrderedDict((n, h.detach()) for n, h in zip(leaves, hv, strict=True))
 
 
 def hessian(

@@ -69,7 +69,7 @@ _OPTIONS: dict[str, set[str]] = {
     "taylor": set(),
     "obd_fisher": {"fisher", "chunk_size"},
     "obd_hessian": {"method", "samples", "max_exact", "seed"},
-    "oba": {"delta", "first_order", "terms"},
+    "oba": {"delta", "first_order", "terms", "hvp_method"},
 }
 
 
@@ -102,7 +102,9 @@ def score(
             ``max_exact``, ``seed``; ``oba``: ``delta`` (a dict shaped like the parameters, the change
             removal makes; default ``-θ``), ``first_order`` (default False), ``terms`` (a subset of
             :data:`oba.decompose.TERMS`: replace H by those terms of its decomposition;
-            ``("series", "parallel")`` is the published OBA code's criterion; default all four, exactly H).
+            ``("series", "parallel")`` is the published OBA code's criterion; default all four, exactly H),
+            ``hvp_method`` (``"rev_rev"``, default: double backward, the faster on CPU; or ``"fwd_rev"``,
+            see :func:`oba.curvature.hvp`).
 
     Returns:
         dict name -> tensor shaped like the parameter (detached, the parameter's dtype and device).
@@ -204,12 +206,13 @@ def _oba(
     delta: Mapping[str, Tensor] | None = None,
     first_order: bool = False,
     terms: Sequence[str] | None = None,
+    hvp_method: str = "rev_rev",
     decomposition: HessianDecomposition | None = None,
     **_: Any,
 ) -> Params:
     d = OrderedDict((n, -t) for n, t in theta.items()) if delta is None else delta
     if terms is None or set(terms) == set(TERMS):
-        hd = hvp(model, loss_fn, batch, d, list(theta))
+        hd = hvp(model, loss_fn, batch, d, list(theta), method=hvp_method)
     else:
         parts = decomposition(batch, d, terms)
         hd = OrderedDict((n, sum(parts[t][n] for t in terms)) for n in theta)

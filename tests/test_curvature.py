@@ -67,11 +67,12 @@ def test_hessian_is_symmetric(dense, name):
     assert rel_err(H, H.T) < EXACT_RTOL
 
 
+@pytest.mark.parametrize("method", ["fwd_rev", "rev_rev"])
 @pytest.mark.parametrize("name", TOY_CASES)
-def test_hvp_matches_dense_hessian_and_finite_differences(dense, name):
+def test_hvp_matches_dense_hessian_and_finite_differences(dense, name, method):
     case, H, _ = dense(name)
     v = random_vector(select_params(case.model))
-    hv = flatten_params(hvp(case.model, case.loss_fn, case.batch, v))
+    hv = flatten_params(hvp(case.model, case.loss_fn, case.batch, v, method=method))
     assert rel_err(hv, H @ flatten_params(v)) < EXACT_RTOL
     fd = flatten_params(finite_difference_hvp(case.model, case.loss_fn, case.batch, v))
     assert rel_err(hv, fd) < FD_RTOL
