@@ -398,6 +398,11 @@ class HessianDecomposition:
             for term in terms
         }
 
+    def hvp(self, batch: Batch, vector: Mapping[str, Tensor], terms: Sequence[str] = TERMS) -> Params:
+        """:math:`\\sum_{k \\in \\text{terms}} T_k v`, the Hessian restricted to those terms, times ``vector``."""
+        parts = self(batch, vector, terms)
+        return OrderedDict((n, sum(parts[t][n] for t in terms)) for n in self.param_names)
+
 
 def decomposed_hvp(
     model: nn.Module,
@@ -431,9 +436,7 @@ def term_hvp(
 
     ``terms=("series", "parallel")`` is what the published OBA code computes; all four give :math:`Hv`.
     """
-    parts = decomposed_hvp(model, loss_fn, batch, vector, params, terms=terms)
-    names = list(next(iter(parts.values())))
-    return OrderedDict((n, sum(parts[t][n] for t in terms)) for n in names)
+    return HessianDecomposition(model, loss_fn, params).hvp(batch, vector, terms)
 
 
 def hessian_block_structure(

@@ -214,8 +214,7 @@ def _oba(
     if terms is None or set(terms) == set(TERMS):
         hd = hvp(model, loss_fn, batch, d, list(theta), method=hvp_method)
     else:
-        parts = decomposition(batch, d, terms)
-        hd = OrderedDict((n, sum(parts[t][n] for t in terms)) for n in theta)
+        hd = decomposition.hvp(batch, d, terms)
     if not first_order:
         return OrderedDict((n, d[n] * hd[n]) for n in theta)
     g = gradient(model, loss_fn, batch, list(theta))
