@@ -338,12 +338,12 @@ def test_vit_removing_a_head_by_hand_is_consistent():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_vit_torch_pruning_removes_whole_heads():
+def _attention_pruner(**head_options):
+    """A small ViT, an input and a torch-pruning MetaPruner of its attention groups only (rooted at proj)."""
     model = vit_cifar(dim=48, depth=2, num_heads=3, mlp_dim=96).eval()
     x = torch.randn(2, 3, 32, 32)
     attns = _attentions(model)
     num_heads = {layer: a.num_heads for a in attns for layer in (a.q, a.k, a.v)}
-    # Only the attention groups (rooted at proj) are prunable; everything else is ignored.
     ignored = [model.head, model.patch_embed] + [layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2)]
     pruner = tp.pruner.MetaPruner(
         model,
@@ -352,11 +352,14 @@ def test_vit_torch_pruning_removes_whole_heads():
         pruning_ratio=0.5,
         ignored_layers=ignored,
         num_heads=num_heads,
-        prune_num_heads=True,
-        prune_head_dims=False,
-        head_pruning_ratio=1 / 3,
         unwrapped_parameters=[(model.cls_token, 2), (model.pos_embed, 2)],
+        **head_options,
     )
+    return model, x, attns, pruner
+
+
+def test_vit_torch_pruning_removes_whole_heads():
+    model, x, attns, pruner = _attention_pruner(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=1 / 3)
     pruner.step()
     for a in attns:
         assert (a.num_heads, a.head_dim, a.v_head_dim) == (2, 16, 16)
@@ -366,22 +369,7 @@ def test_vit_torch_pruning_removes_whole_heads():
 
 
 def test_vit_torch_pruning_head_dims_then_set_num_heads():
-    model = vit_cifar(dim=48, depth=2, num_heads=3, mlp_dim=96).eval()
-    x = torch.randn(2, 3, 32, 32)
-    attns = _attentions(model)
-    num_heads = {layer: a.num_heads for a in attns for layer in (a.q, a.k, a.v)}
-    ignored = [model.head, model.patch_embed] + [layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2)]
-    pruner = tp.pruner.MetaPruner(
-        model,
-        x,
-        importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=0.5,
-        ignored_layers=ignored,
-        num_heads=num_heads,
-        prune_num_heads=False,
-        prune_head_dims=True,
-        unwrapped_parameters=[(model.cls_token, 2), (model.pos_embed, 2)],
-    )
+    model, x, attns, pruner = _attention_pruner(prune_num_heads=False, prune_head_dims=True)
     pruner.step()
     assert attns[0].q.out_features == 24  # 3 heads of 8
     with pytest.raises(RuntimeError, match="set_num_heads"):
