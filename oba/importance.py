@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.batches import batch_count, to_device
 from oba.curvature import (
     Batch,
     LossFn,
@@ -129,12 +130,12 @@ def score(
     totals: Params | None = None
     count = 0
     stream = itertools.islice(iter(batches), max_batches)
-    total_batches = _length(batches, max_batches)
+    total_batches = batch_count(batches, max_batches)
     generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
     if criterion == "oba" and options.get("terms") is not None:  # traced once, re-used for every batch
         options["decomposition"] = HessianDecomposition(model, loss_fn, list(theta))
     for batch in tqdm(stream, total=total_batches, desc=f"score [{criterion}]", disable=not progress):
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)  # a malformed batch is reported by the curvature functions
         s = per_batch(model, loss_fn, batch, theta, generator=generator, **options)
         totals = s if totals is None else OrderedDict((n, totals[n] + s[n]) for n in totals)
         count += 1
@@ -222,22 +223,3 @@ def _oba(
 
 
 _BATCH_SCORES = {"taylor": _taylor, "obd_fisher": _obd_fisher, "obd_hessian": _obd_hessian, "oba": _oba}
-
-
-def _length(batches: Iterable[Any], max_batches: int | None) -> int | None:
-    try:
-        n = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"each batch must be a pair (inputs, targets), got {type(batch).__name__}")
-    inputs, targets = batch
-    if isinstance(inputs, (tuple, list)):
-        inputs = tuple(x.to(device) for x in inputs)
-    else:
-        inputs = inputs.to(device)
-    return inputs, targets.to(device)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.batches import batch_count, to_device
 from oba.models.checkpoints import state_dict_mismatches
 
 __all__ = [
@@ -79,14 +80,6 @@ def _unpack(batch: Any) -> tuple[Any, Tensor]:
     raise TypeError(f"expected (inputs, targets) batches, got {type(batch).__name__}")
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
 @contextlib.contextmanager
 def _modes_restored(model: nn.Module):
     """Restore every submodule's ``training`` flag on exit (``model.train(mode)`` alone would not)."""
@@ -103,14 +96,6 @@ def _batches(loader: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
         if max_batches is not None and i >= max_batches:
             return
         yield batch
-
-
-def _length(loader: Iterable[Any], max_batches: int | None) -> int | None:
-    try:
-        n = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,14 +137,14 @@ def evaluate(
         model.eval()
         bar = tqdm(
             _batches(loader, max_batches),
-            total=_length(loader, max_batches),
+            total=batch_count(loader, max_batches),
             desc=desc,
             disable=not progress,
             leave=False,
         )
         for batch in bar:
             inputs, targets = _unpack(batch)
-            inputs, targets = _to(inputs, device), targets.to(device, non_blocking=True)
+            inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
             logits = model(inputs)
             bs = targets.shape[0]
             total_loss += loss_fn(logits, targets).double() * bs
@@ -206,12 +191,12 @@ def recalibrate_batchnorm(
                 m.reset_running_stats()
                 m.momentum = None
             model.train()
-            total = _length(loader, num_batches)
+            total = batch_count(loader, num_batches)
             for batch in tqdm(
                 _batches(loader, num_batches), total=total, desc="BN recalibration", disable=not progress
             ):
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(_to(inputs, device))
+                model(to_device(inputs, device))
                 seen += 1
         finally:
             for m, momentum in zip(bns, momenta, strict=True):
@@ -469,14 +454,14 @@ def fine_tune(
             # would create a second iterator (drawing from its generator and starting workers twice).
             bar = tqdm(
                 iter(train_loader),
-                total=_length(train_loader, None),
+                total=batch_count(train_loader, None),
                 desc=f"epoch {epoch + 1}/{epochs}",
                 disable=not progress,
                 leave=False,
             )
             for batch in bar:
                 inputs, targets = _unpack(batch)
-                inputs, targets = _to(inputs, device), targets.to(device, non_blocking=True)
+                inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(inputs)
                 loss = loss_fn(logits, targets)
