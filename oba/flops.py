@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params"]
+__all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params", "macs_by_module"]
 
 
 @dataclass(frozen=True)
@@ -68,18 +68,46 @@ def count_flops(
     Returns:
         A :class:`FlopCount` for one forward pass of the whole batch.
     """
-    replica = _replicate(model, device)
-    target, dtype = _device_and_dtype(replica)
-    replica_inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        replica(*replica_inputs)
-    flops = counter.get_total_flops()
+    flops = _run_counter(model, inputs_or_shape, device).get_total_flops()
     return FlopCount(
         macs=flops // 2,
         flops=flops,
         params=count_params(model),
         nonzero_params=count_nonzero_params(model),
     )
+
+
+def macs_by_module(
+    model: nn.Module,
+    inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size,
+    device: str | torch.device | None = "meta",
+) -> dict[str, int]:
+    """MACs of every module's forward pass (its children included), keyed by ``model.named_modules()`` names.
+
+    ``""`` is the whole model; modules that do no counted work are absent. Same convention and arguments
+    as :func:`count_flops`.
+    """
+    counts = _run_counter(model, inputs_or_shape, device).get_flop_counts()
+    root = type(model).__name__
+    result = {}
+    for key, per_op in counts.items():
+        if key == "Global":
+            continue
+        name = "" if key == root else key.removeprefix(root + ".")
+        result[name] = sum(per_op.values()) // 2
+    return result
+
+
+def _run_counter(
+    model: nn.Module, inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size, device
+) -> FlopCounterMode:
+    """One forward pass of a replica of ``model`` under ``FlopCounterMode``; returns the counter."""
+    replica = _replicate(model, device)
+    target, dtype = _device_and_dtype(replica)
+    replica_inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        replica(*replica_inputs)
+    return counter
 
 
 def count_params(model: nn.Module) -> int:

@@ -118,3 +118,14 @@ def test_torch_nn_utils_prune_counts_the_effective_weight_once():
     assert count_flops(model, CIFAR_INPUT, device="cpu") == count
     assert count_flops(model, CIFAR_INPUT, device=None) == count
     assert isinstance(count, FlopCount)
+
+
+def test_macs_by_module_splits_the_total_over_the_layers():
+    from oba.flops import macs_by_module
+
+    model = resnet20()
+    per_module = macs_by_module(model, (2, 3, 32, 32))
+    assert per_module[""] == count_flops(model, (2, 3, 32, 32)).macs
+    leaves = {n for n, m in model.named_modules() if not list(m.children())}
+    assert sum(v for n, v in per_module.items() if n in leaves) == per_module[""]
+    assert per_module["layer1.0.conv1"] == 2 * 16 * 16 * 9 * 32 * 32

@@ -131,6 +131,17 @@ class CifarResNet(nn.Module):
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
 
+    def pruning_ignored_layers(self) -> list[nn.Module]:
+        """Layers whose output channels structured pruning must leave alone (see :mod:`oba.prune`).
+
+        The residual streams: the stem conv and every block's ``conv2`` write into them, and the option-A
+        shortcut (:class:`PadShortcut`) maps stream channels by a fixed offset that DepGraph cannot express
+        (it ties the 16-, 32- and 64-channel streams into one invalid group); and the classifier. What stays
+        prunable is each block's inner group {``conv1`` out, ``bn1``, ``conv2`` in}.
+        """
+        blocks = [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
+        return [self.conv1, *(b.conv2 for b in blocks), self.linear]
+
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))

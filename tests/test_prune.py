@@ -1,0 +1,275 @@
+"""Tests of oba.prune.prune_structured: targets, schedules, caps, heads, modes, hooks, saving."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+import oba.models
+from oba.flops import count_flops
+from oba.prune import (
+    TargetNotReachedError,
+    default_ignored_layers,
+    load_pruned,
+    make_scorer,
+    prune_structured,
+    save_pruned,
+)
+from oba.structured import ParameterScoreImportance
+
+
+def batches(n: int = 3, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return oba.models.create("resnet20").eval()
+
+
+def small_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return oba.models.create("vit_cifar", dim=32, depth=2, num_heads=4, mlp_dim=48).eval()
+
+
+EXAMPLE = torch.randn(1, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("kind", ["flops", "params", "channels"])
+def test_each_target_kind_is_met_closely_and_the_model_runs(kind):
+    model = resnet20()
+    _, history = prune_structured(model, EXAMPLE, "magnitude", **{f"keep_{kind}": 0.6}, steps=2, progress=False)
+    final = history[-1][f"{kind}_kept"]
+    assert final <= 0.6 + 1e-9
+    assert final > 0.55, f"overshot the target: {final}"
+    assert [h["step"] for h in history] == [0, 1, 2]
+    assert all(a[f"{kind}_kept"] >= b[f"{kind}_kept"] for a, b in zip(history, history[1:], strict=False))
+    assert history[-1]["macs"] == count_flops(model, EXAMPLE).macs
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "linear"])
+def test_schedule_sets_the_per_step_targets(schedule):
+    _, history = prune_structured(
+        resnet20(), EXAMPLE, "magnitude", keep_flops=0.5, steps=3, schedule=schedule, progress=False
+    )
+    expected = [0.5 ** (s / 3) if schedule == "exponential" else 1 - 0.5 * s / 3 for s in (1, 2, 3)]
+    assert [h["target"] for h in history[1:]] == pytest.approx(expected)
+    for h in history[1:]:
+        assert h["flops_kept"] <= h["target"] + 1e-9
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one target"),
+        ({"keep_flops": 0.5, "keep_params": 0.5}, "exactly one target"),
+        ({"keep_flops": 0.0}, "KEPT"),
+        ({"keep_flops": 1.5}, "KEPT"),
+        ({"keep_flops": 0.5, "schedule": "cosine"}, "schedule"),
+        ({"keep_flops": 0.5, "steps": 0}, "steps"),
+        ({"keep_flops": 0.5, "max_channel_sparsity": 1.2}, "max_channel_sparsity"),
+        ({"keep_flops": 0.5, "score_mode": "test"}, "score_mode"),
+    ],
+)
+def test_bad_arguments_are_reported(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prune_structured(resnet20(), EXAMPLE, "magnitude", progress=False, **kwargs)
+
+
+def test_data_criteria_need_batches_and_unknown_criteria_are_named():
+    with pytest.raises(ValueError, match="batches"):
+        prune_structured(resnet20(), EXAMPLE, "taylor", loss_fn=F.cross_entropy, keep_flops=0.5, progress=False)
+    with pytest.raises(ValueError, match="kron_obs"):
+        make_scorer("kron", F.cross_entropy)
+
+
+def test_unreachable_target_raises_with_how_far_it_got():
+    with pytest.raises(TargetNotReachedError) as info:
+        prune_structured(resnet20(), EXAMPLE, "magnitude", keep_flops=0.05, max_channel_sparsity=0.5, progress=False)
+    err = info.value
+    assert err.reached > 0.05 and f"{err.reached:.4f}" in str(err)
+    assert err.history[-1]["flops_kept"] == err.reached
+
+
+# ----------------------------------------------------------------------------- layers and caps
+def test_resnet_residual_streams_and_classifier_are_kept():
+    model = resnet20()
+    ignored = default_ignored_layers(model)
+    widths = {id(m): m.weight.shape[0] for m in ignored}
+    prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, progress=False)
+    assert all(m.weight.shape[0] == widths[id(m)] for m in ignored)
+    inner = [b.conv1.out_channels for s in (model.layer1, model.layer2, model.layer3) for b in s]
+    assert sum(inner) < (16 + 32 + 64) * 3
+
+
+def test_max_channel_sparsity_and_round_to():
+    model = resnet20()
+    before = {n: m.out_channels for n, m in model.named_modules() if n.endswith(".conv1")}
+    prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.75, max_channel_sparsity=0.5, round_to=4, progress=False)
+    after = {n: m.out_channels for n, m in model.named_modules() if n.endswith(".conv1")}
+    assert any(after[n] < before[n] for n in before)
+    for n in before:
+        assert after[n] >= math.ceil(before[n] * 0.5)
+        assert after[n] % 4 == 0
+
+
+def test_local_ranking_prunes_every_group_alike():
+    model = resnet20()
+    before = {n: m.out_channels for n, m in model.named_modules() if n.endswith(".conv1")}
+    prune_structured(model, EXAMPLE, "magnitude", keep_channels=0.5, global_ranking=False, progress=False)
+    kept = [m.out_channels / before[n] for n, m in model.named_modules() if n.endswith(".conv1")]
+    assert max(kept) - min(kept) <= 1 / 16 + 1e-9  # one channel of the narrowest group
+
+
+def test_global_ranking_removes_the_lowest_scored_channels_first():
+    model = resnet20()
+    target = model.layer2[0].conv1
+    names = {m: n for n, m in model.named_modules()}
+    scores = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    even = torch.arange(0, 32, 2)  # the even channels of one group are worthless: filter, BN, next conv's column
+    scores[names[target] + ".weight"][even] = 1e-6
+    scores["layer2.0.bn1.weight"][even] = scores["layer2.0.bn1.bias"][even] = 1e-6
+    scores["layer2.0.conv2.weight"][:, even] = 1e-6
+    imp = ParameterScoreImportance(model, scores, normalizer=None)
+    prune_structured(model, EXAMPLE, lambda m, b: imp, keep_channels=1 - 16 / 336, batches=[None], progress=False)
+    assert target.out_channels == 16
+    assert all(b.conv1.out_channels == b.conv1.weight.shape[0] for s in (model.layer1, model.layer3) for b in s)
+
+
+# ----------------------------------------------------------------------------- scoring per step
+def test_each_step_rescores_on_fresh_batches_in_the_chosen_mode():
+    model = resnet20()
+    data = batches(5)
+    seen, modes = [], []
+
+    def scorer(m, step_batches):
+        seen.append([id(b) for b in step_batches])
+        modes.append(m.training)
+        return tp.importance.GroupMagnitudeImportance()
+
+    prune_structured(
+        model,
+        EXAMPLE,
+        scorer,
+        keep_flops=0.6,
+        batches=data,
+        batches_per_step=2,
+        steps=3,
+        score_mode="train",
+        progress=False,
+    )
+    ids = [id(b) for b in data]
+    assert seen == [ids[0:2], ids[2:4], [ids[4], ids[0]]]  # a new pass starts when one ends
+    assert modes == [True, True, True]
+    assert not model.training  # restored
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "oba", "kron_obs"])
+def test_scoring_in_train_mode_keeps_running_stats_and_leaves_no_hooks(criterion):
+    model = resnet20()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    stem = model.bn1.running_mean.clone()  # ignored layer: its channels stay, so must its statistics
+    kept_blocks = model.layer1[0].bn2.running_var.clone()
+    prune_structured(
+        model,
+        EXAMPLE,
+        criterion,
+        loss_fn=F.cross_entropy,
+        batches=batches(2),
+        batches_per_step=1,
+        keep_flops=0.8,
+        progress=False,
+    )
+    assert torch.equal(model.bn1.running_mean, stem)
+    assert torch.equal(model.layer1[0].bn2.running_var, kept_blocks)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- attention heads
+def test_whole_heads_are_pruned_consistently_and_the_model_saves(tmp_path):
+    model = small_vit()
+    attn = model.blocks[0].attn
+    names = {m: n for n, m in model.named_modules()}
+    scores = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    for layer in (attn.q, attn.k, attn.v):  # heads 1 and 3 of block 0 worthless
+        for h in (1, 3):
+            scores[names[layer] + ".weight"][h * 8 : (h + 1) * 8] = 1e-6
+    imp = ParameterScoreImportance(model, scores, normalizer=None)
+    x = torch.randn(2, 3, 32, 32)
+    _, history = prune_structured(model, EXAMPLE, lambda m, b: imp, keep_flops=0.85, batches=[None], progress=False)
+    assert attn.num_heads == 2 and attn.q.out_features == 16 == attn.proj.in_features
+    assert model.blocks[1].attn.num_heads == 4
+    assert history[-1]["heads"]["blocks.0.attn.q"] == 2
+    out = model(x)
+    save_pruned(model, tmp_path / "vit.pt", "vit_cifar", {"dim": 32, "depth": 2, "num_heads": 4, "mlp_dim": 48})
+    loaded = load_pruned(tmp_path / "vit.pt").eval()
+    assert loaded.blocks[0].attn.num_heads == 2
+    torch.testing.assert_close(loaded(x), out)
+
+
+def test_vit_prunes_to_a_flops_target_with_oba_and_runs():
+    model = small_vit()
+    prune_structured(
+        model,
+        EXAMPLE,
+        "oba",
+        loss_fn=F.cross_entropy,
+        batches=batches(1, 4),
+        batches_per_step=1,
+        keep_flops=0.6,
+        steps=2,
+        progress=False,
+    )
+    for block in model.blocks:
+        a = block.attn
+        assert a.q.out_features == a.k.out_features == a.num_heads * a.head_dim
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------- saving
+def test_save_and_load_a_pruned_resnet(tmp_path):
+    model = resnet20()
+    prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, progress=False)
+    path = tmp_path / "pruned.pt"
+    save_pruned(model, path, "resnet20")
+    payload = torch.load(path, weights_only=True)
+    assert payload["widths"]["layer1.0.conv1"] == model.layer1[0].conv1.out_channels
+    loaded = load_pruned(path).eval()
+    assert loaded.layer1[0].bn1.num_features == model.layer1[0].bn1.num_features
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="save_pruned"):
+        load_pruned(tmp_path / "plain.pt")
+
+
+def test_pruned_model_matches_the_dense_model_when_only_dead_channels_go():
+    """Channels whose BN scale and shift are zero contribute nothing: removing them keeps the function."""
+    model = resnet20()
+    with torch.no_grad():
+        for block in (model.layer1[0], model.layer2[1]):
+            block.bn1.weight[:4] = 0
+            block.bn1.bias[:4] = 0
+    dense = copy.deepcopy(model)
+    scores = {n: p.detach().abs() + 1 for n, p in model.named_parameters()}
+    for block in ("layer1.0", "layer2.1"):
+        scores[f"{block}.bn1.weight"][:4] = -1e3  # signed sum very negative -> |.| large; use absolute=False
+    imp = ParameterScoreImportance(model, scores, normalizer=None, absolute=False)
+    prune_structured(model, EXAMPLE, lambda m, b: imp, keep_channels=1 - 8 / 336, batches=[None], progress=False)
+    assert model.layer1[0].conv1.out_channels == 12 and model.layer2[1].conv1.out_channels == 28
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), dense(x))
