@@ -331,6 +331,8 @@ def prune_structured(
     batches_per_step: int = 20,
     steps: int = 1,
     schedule: str = "exponential",
+    step_targets: Sequence[float] | None = None,
+    reference: nn.Module | None = None,
     score_mode: str | None = "train",
     global_ranking: bool = True,
     max_channel_sparsity: float = 1.0,
@@ -355,6 +357,10 @@ def prune_structured(
             pass over ``batches`` starts when one ends, so a shuffling DataLoader gives fresh batches).
         steps, schedule: the number of pruning steps and the per-step targets (``"exponential"`` or
             ``"linear"``, module docstring); the model is re-scored before every step.
+        step_targets: explicit per-step targets (decreasing, the last one the target), instead of
+            ``steps``/``schedule``; e.g. ``[0.8, 0.6, 0.4]`` to stop (and evaluate, via ``on_step``) at each.
+        reference: measure ``keep_flops``/``keep_params`` against this model (e.g. the dense model when
+            ``model`` was pruned before, in iterative pruning) instead of ``model`` as given.
         score_mode: ``"train"`` (batch statistics in BatchNorm, as the published OBA code; running
             statistics are never updated), ``"eval"``, or ``None`` (the model's current mode). The model's
             modes are restored afterwards.
@@ -386,6 +392,13 @@ def prune_structured(
         raise ValueError(f"keep_{kind} is the fraction KEPT and must be in (0, 1], got {target}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if step_targets is not None:
+        step_targets = [float(t) for t in step_targets]
+        increasing = any(b > a for a, b in zip(step_targets, step_targets[1:], strict=False))
+        if not step_targets or step_targets[-1] != target or increasing:
+            raise ValueError(f"step_targets must be non-increasing and end at keep_{kind}={target}, got {step_targets}")
+    if reference is not None and kind == "channels":
+        raise ValueError("reference applies to keep_flops / keep_params only")
     if schedule not in ("exponential", "linear"):
         raise ValueError(f"schedule must be 'exponential' or 'linear', got {schedule!r}")
     if not 0 <= max_channel_sparsity <= 1:
@@ -407,7 +420,7 @@ def prune_structured(
     total_channels = sum(initial_width.values())
     if total_channels == 0:
         raise ValueError("no prunable group: every layer is ignored or unsupported")
-    dense = count_flops(model, example_inputs)
+    dense = count_flops(model if reference is None else reference, example_inputs)
     dense_total = {"flops": dense.macs, "params": dense.params, "channels": total_channels}[kind]
     names = {m: n for n, m in model.named_modules()}
 
@@ -435,7 +448,7 @@ def prune_structured(
         return sum(len(g[0].idxs) for g in dg.get_all_groups(ignored, root_types)) / total_channels
 
     stream = _BatchStream(batches)
-    targets = [
+    targets = step_targets or [
         target ** (s / steps) if schedule == "exponential" else 1 - (1 - target) * s / steps
         for s in range(1, steps + 1)
     ]

@@ -273,3 +273,15 @@ def test_pruned_model_matches_the_dense_model_when_only_dead_channels_go():
     assert model.layer1[0].conv1.out_channels == 12 and model.layer2[1].conv1.out_channels == 28
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(model(x), dense(x))
+
+
+def test_explicit_step_targets_and_a_dense_reference():
+    dense = resnet20()
+    model = copy.deepcopy(dense)
+    _, history = prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.7, step_targets=[0.9, 0.7], progress=False)
+    assert [h["target"] for h in history[1:]] == [0.9, 0.7]
+    _, again = prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, reference=dense, progress=False)
+    assert again[0]["flops_kept"] == pytest.approx(history[-1]["flops_kept"])  # measured against the dense model
+    assert 0.45 < again[-1]["flops_kept"] <= 0.5
+    with pytest.raises(ValueError, match="step_targets"):
+        prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, step_targets=[0.6, 0.8, 0.5], progress=False)
