@@ -109,6 +109,7 @@ def structured_sweep(
     eval_loaders: Mapping[str, Iterable[Batch]],
     log: ResultLog,
     batches_per_step: int = 20,
+    steps_per_target: int = 1,
     recalibrate_loader: Iterable[Batch] | None = None,
     recalibrate_batches: int = 50,
     loss_fn: Callable = F.cross_entropy,
@@ -117,16 +118,21 @@ def structured_sweep(
 ) -> list[dict[str, Any]]:
     """One-shot (no fine-tuning) accuracy of every criterion at every FLOPs target; resumable.
 
-    For each criterion: a copy of ``dense`` is pruned through ``sorted(keep_flops, reverse=True)`` as the
-    step targets of one :func:`oba.prune.prune_structured` call (re-scored on the next ``batches_per_step``
-    batches of ``score_batches`` at every step), and evaluated on every loader of ``eval_loaders`` at each
-    target. With ``recalibrate_loader``, the accuracy after recomputing the BatchNorm statistics on
-    ``recalibrate_batches`` of its batches is recorded too (``acc_<name>_recal``), on a copy.
+    For each criterion: a copy of ``dense`` is pruned through ``sorted(keep_flops, reverse=True)`` in one
+    :func:`oba.prune.prune_structured` call, with ``steps_per_target`` geometric steps from each target to
+    the next (re-scored on the next ``batches_per_step`` batches of ``score_batches`` at every step), and
+    evaluated on every loader of ``eval_loaders`` at each target. With ``recalibrate_loader``, the accuracy
+    after recomputing the BatchNorm statistics on ``recalibrate_batches`` of its batches is recorded too
+    (``acc_<name>_recal``), on a copy.
 
     Records ``{"criterion", "keep_flops", "flops_kept", "params_kept", "acc_<eval>", "loss_<eval>",
     "widths", "score_seconds"}``; a criterion with a record for every target is skipped.
     """
     targets = sorted({float(k) for k in keep_flops}, reverse=True)
+    steps, previous = [], 1.0
+    for t in targets:  # steps_per_target geometric steps from the previous target to this one
+        steps += [previous * (t / previous) ** (j / steps_per_target) for j in range(1, steps_per_target)] + [t]
+        previous = t
     for name in criteria:
         if {r["keep_flops"] for r in log.find(criterion=name)} >= set(targets):
             continue
@@ -135,6 +141,8 @@ def structured_sweep(
         pending: list[dict[str, Any]] = []
 
         def on_step(m: nn.Module, record: dict[str, Any], name: str = name, pending: list = pending) -> None:
+            if record["target"] not in targets:
+                return
             row = {"criterion": name, "keep_flops": record["target"], "flops_kept": record["flops_kept"]}
             row.update(params_kept=record["params_kept"], score_seconds=record["score_seconds"])
             row.update(_evaluate_all(m, eval_loaders))
@@ -146,7 +154,7 @@ def structured_sweep(
             pending.append(row)
 
         prune_structured(
-            model, example_inputs, scorer, keep_flops=targets[-1], step_targets=targets, loss_fn=loss_fn,
+            model, example_inputs, scorer, keep_flops=targets[-1], step_targets=steps, loss_fn=loss_fn,
             batches=score_batches, batches_per_step=batches_per_step, on_step=on_step, progress=progress,
             **prune_options,
         )  # fmt: skip

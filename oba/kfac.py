@@ -160,10 +160,10 @@ def kfac_factors(
                 loss = loss_fn(logits, targets) * n  # sum of per-sample losses: output grads are per sample
                 loss.backward(inputs=[outputs[m] for m in layers])
                 for m in layers:
-                    a = _patches(m, inputs[m]).to(torch.float64)
-                    g = _output_grads(m, outputs[m].grad).to(torch.float64)  # [B, T, C_out]
-                    gg = torch.einsum("bti,btj->ij", g, g)
-                    sums_a[m] = a.T @ a if sums_a[m] is None else sums_a[m] + a.T @ a
+                    a = _patches(m, inputs[m])
+                    g = _output_grads(m, outputs[m].grad).flatten(0, 1)  # [B * T, C_out]
+                    aa, gg = (a.T @ a).double(), (g.T @ g).double()  # summed in float64 across batches
+                    sums_a[m] = aa if sums_a[m] is None else sums_a[m] + aa
                     sums_s[m] = gg if sums_s[m] is None else sums_s[m] + gg
                     rows_a[m] += a.shape[0]
                 samples += n
