@@ -156,18 +156,6 @@ class SwapSearch:
         t = self.theta[idx]
         return 2 * t * self.u[idx] + t * t * self.fdiag[idx]
 
-    def gamma(self, i: int, js: Tensor) -> Tensor:
-        r""":math:`\gamma_{ij} = 2\theta_i\theta_jF_{ij}` for one i and several j (0 across blocks)."""
-        out = torch.zeros(js.numel(), dtype=self.theta.dtype)
-        bi = int(self.block_of[i])
-        same = self.block_of[js] == bi
-        if same.any():
-            b, f = self.blocks[bi], self.fishers[bi]
-            cols = f.grads.columns(torch.cat([torch.tensor([i]), js[same]]) - b.start)
-            f_ij = cols[:, 1:].T @ cols[:, 0] / f.n  # i != j: no damping term
-            out[same] = 2 * self.theta[i] * self.theta[js[same]] * f_ij
-        return out
-
     def _add_column(self, q: int, coef: float) -> None:
         """u += coef · F_{:,q} (within q's block)."""
         bi = int(self.block_of[q])
@@ -181,7 +169,9 @@ class SwapSearch:
         if not self.pruned[i] or self.pruned[j]:
             raise ValueError(f"swap needs i pruned and j kept (i={i}, j={j})")
         change = float(
-            -self.alpha(torch.tensor([i]))[0] + self.beta(torch.tensor([j]))[0] - self.gamma(i, torch.tensor([j]))[0]
+            -self.alpha(torch.tensor([i]))[0]
+            + self.beta(torch.tensor([j]))[0]
+            - self.gammas(torch.tensor([i]), torch.tensor([j]))[0, 0]
         )
         self._add_column(i, -float(self.theta[i]))
         self._add_column(j, float(self.theta[j]))
@@ -190,10 +180,21 @@ class SwapSearch:
         return change
 
     def gammas(self, i_idx: Tensor, j_idx: Tensor) -> Tensor:
-        r""":math:`\gamma_{ij}` for every pair, ``[|i|, |j|]`` (0 across blocks)."""
-        return torch.stack([self.gamma(int(i), j_idx) for i in i_idx]) if len(i_idx) else torch.zeros(0, len(j_idx))
+        r""":math:`\gamma_{ij} = 2\theta_i\theta_jF_{ij}` for every pair, ``[|i|, |j|]`` (0 across blocks, i != j)."""
+        out = torch.zeros(len(i_idx), len(j_idx), dtype=self.theta.dtype)
+        bi, bj = self.block_of[i_idx], self.block_of[j_idx]
+        for blk in torch.unique(bi).tolist():
+            rows, cols = (bi == blk).nonzero().squeeze(1), (bj == blk).nonzero().squeeze(1)
+            if not len(cols):
+                continue
+            b, f = self.blocks[blk], self.fishers[blk]
+            g = f.grads.columns(torch.cat([i_idx[rows], j_idx[cols]]) - b.start)
+            f_ij = g[:, : len(rows)].T @ g[:, len(rows) :] / f.n
+            t_i, t_j = self.theta[i_idx[rows]], self.theta[j_idx[cols]]
+            out[rows[:, None], cols[None, :]] = 2 * t_i[:, None] * t_j[None, :] * f_ij
+        return out
 
-    def sweep(self, *, eps: float = 1e-4, rho: int = 10, tau: int = 20) -> int:
+    def sweep(self, *, eps: float = 1e-4, rho: int = 10, tau: int = 20, threads: int | None = 1) -> int:
         """One sweep (see the module docstring); returns the number of swaps made.
 
         The pruned weights are ordered by decreasing α once, at the start. A window of ``rho`` consecutive
@@ -201,7 +202,19 @@ class SwapSearch:
         these ``rho**2`` swaps is made if it lowers f by at least ``eps``·f (the window then stays, its swapped
         weight replaced by the next one), otherwise the window moves on by ``rho`` and counts as a failure. The
         sweep ends after ``tau`` failures in a row or at the end of the order.
+
+        The loop is made of many small tensor operations, which run faster on ``threads`` threads (default 1)
+        than on several contended ones; the previous thread count is restored afterwards (``None``: unchanged).
         """
+        previous = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return self._sweep(eps, rho, tau)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _sweep(self, eps: float, rho: int, tau: int) -> int:
         order = self.pruned.nonzero().squeeze(1)
         order = order[torch.argsort(self.alpha(order), descending=True, stable=True)].tolist()
         swaps = fails = pos = 0

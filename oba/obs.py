@@ -189,6 +189,9 @@ class LinearGradients(GradientMatrix):
                     f"got {tuple(delta.shape)} and {tuple(act.shape)}"
                 )
         self.factors = [(d.to(dtype), a.to(dtype)) for d, a in factors]
+        # row-major copies of the transposes: fast gathers of single columns of G
+        self._delta_t = [d.T.contiguous() for d, _ in self.factors]
+        self._act_t = [a.T.contiguous() for _, a in self.factors]
         self.shapes = [(d.shape[1], a.shape[1]) for d, a in self.factors]
         sizes = [o * i for o, i in self.shapes]
         self.offsets = [0, *itertools.accumulate(sizes)]
@@ -224,6 +227,10 @@ class LinearGradients(GradientMatrix):
         vec = u.dim() == 1
         u = u.to(self.dtype).reshape(self.n, -1)
         k = u.shape[1]
+        if k == 1:  # one vector: Δᵀ diag(u) A per layer, from the row-major Δᵀ
+            pairs = zip(self._delta_t, self.factors, strict=True)
+            out = torch.cat([((dt * u[:, 0]) @ act).reshape(-1) for dt, (_, act) in pairs])
+            return out if vec else out[:, None]
         pieces = []
         for delta, act in self.factors:
             o = delta.shape[1]
@@ -238,14 +245,25 @@ class LinearGradients(GradientMatrix):
 
     def columns(self, idx: Tensor) -> Tensor:
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
-        out = torch.empty(self.n, idx.numel(), dtype=self.dtype)
-        layer_of = torch.bucketize(idx, torch.tensor(self.offsets[1:]), right=True)
-        for layer, ((delta, act), (_, i)) in enumerate(zip(self.factors, self.shapes, strict=True)):
-            where = (layer_of == layer).nonzero().squeeze(1)
-            if where.numel():
-                local = idx[where] - self.offsets[layer]
-                out[:, where] = delta[:, local // i] * act[:, local % i]
-        return out
+        if idx.numel() == 0:
+            return torch.empty(self.n, 0, dtype=self.dtype)
+        lo, hi = int(idx.min()), int(idx.max())
+        rows = []
+        for layer, ((o, i), start) in enumerate(zip(self.shapes, self.offsets, strict=False)):
+            stop = start + o * i
+            if hi < start or lo >= stop:
+                continue
+            if lo >= start and hi < stop:  # the common case: all in one layer
+                local = idx - start
+                return (self._delta_t[layer][local // i] * self._act_t[layer][local % i]).T
+            rows.append(layer)
+        out = torch.empty(idx.numel(), self.n, dtype=self.dtype)
+        for layer in rows:
+            (o, i), start = self.shapes[layer], self.offsets[layer]
+            where = ((idx >= start) & (idx < start + o * i)).nonzero().squeeze(1)
+            local = idx[where] - start
+            out[where] = self._delta_t[layer][local // i] * self._act_t[layer][local % i]
+        return out.T
 
     def column_sq_norms(self) -> Tensor:
         return torch.cat([(delta.square().T @ act.square()).reshape(-1) for delta, act in self.factors])
@@ -381,6 +399,7 @@ class EmpiricalFisher:
             raise ValueError(f"method must be 'auto', 'woodbury' or 'dense', got {method!r}")
         self.grads, self.damp, self.method, self.chunk = grads, float(damp), method, chunk
         self.n, self.d, self.dtype = grads.n, grads.d, grads.dtype
+        self._inv_diag: Tensor | None = None
         if method == "woodbury":
             core = grads.gram()
             core.diagonal().add_(self.n * self.damp)
@@ -420,14 +439,17 @@ class EmpiricalFisher:
         return torch.cholesky_solve(b, self._chol)
 
     def inverse_diagonal(self) -> Tensor:
-        """:math:`\\mathrm{diag}(F_\\lambda^{-1})`, ``[d]`` (chunks of ``chunk`` columns)."""
-        if self.method == "dense":
-            return self._dense_inv.diagonal().clone()
-        out = torch.empty(self.d, dtype=self.dtype)
-        for where, cols in self.grads.column_chunks(self.chunk):
-            w = torch.linalg.solve_triangular(self._chol, cols, upper=False)
-            out[where] = (1.0 - w.square().sum(0)) / self.damp
-        return out
+        """:math:`\\mathrm{diag}(F_\\lambda^{-1})`, ``[d]`` (chunks of ``chunk`` columns; computed once, cached)."""
+        if self._inv_diag is None:
+            if self.method == "dense":
+                self._inv_diag = self._dense_inv.diagonal().clone()
+            else:
+                out = torch.empty(self.d, dtype=self.dtype)
+                for where, cols in self.grads.column_chunks(self.chunk):
+                    w = torch.linalg.solve_triangular(self._chol, cols, upper=False)
+                    out[where] = (1.0 - w.square().sum(0)) / self.damp
+                self._inv_diag = out
+        return self._inv_diag.clone()
 
     def inverse_matvec(self, v: Tensor) -> Tensor:
         """:math:`F_\\lambda^{-1} v` (``[d]`` or ``[d, k]``)."""
