@@ -12,8 +12,8 @@ model and batch. Methods:
   (``hvp_method="rev_rev"``, the default);
 * ``oba fwd-rev`` the same with the forward-over-reverse HVP (``torch.func.jvp`` of ``grad``);
 * ``decomposed`` ``oba.decompose.HessianDecomposition`` applied to θ: all four terms separately (tangents,
-  one backward, op-level sources, one stacked backward for the terms; the model is traced once, at the
-  warm-up, as when scoring many batches).
+  one backward, op-level sources, one backward sweep per term that has sources; the model is traced once,
+  at the warm-up, as when scoring many batches).
 
 Goals: exact OBA at most 3x a plain gradient step, the decomposed computation at most 4x. Weights are
 random (the cost does not depend on them); BatchNorm in train mode, as in the published scoring protocol.

@@ -31,7 +31,11 @@ ATen graph (``make_fx``); one forward pass caches every node's value :math:`a` a
 each op's pullback). Each op then emits second-order *sources* on its operands,
 :math:`s_{c,i} = \sum_j M^c_{ij}\, da_{c,j}` (an op-level ``jvp`` of the op's ``vjp`` at fixed :math:`G_c`:
 the product rule with the tangents, e.g. :math:`G_S\,dK` for :math:`S = QK^\top`, and for softmax its
-Jacobian :math:`\mathrm{diag}(s) - ss^\top` applied row by row; no :math:`n^3` tensor is formed). Sources on
+Jacobian :math:`\mathrm{diag}(s) - ss^\top` applied row by row; no :math:`n^3` tensor is formed). Hot ops have
+closed forms instead of the generic op-level transforms: convolutions use the fused backward kernel for their
+sources and pullbacks (computing only the operand gradients needed; the first backward skips the parameters'),
+train-mode BatchNorm and LayerNorm the formulas of :mod:`oba.normalization` for their sources (BatchNorm also
+for its tangent, and its fused backward kernel for its pullback). Sources on
 parameters are the *downward* part; sources on activations are pulled back to the parameters by ONE
 first-order backward pass per term (the *upward* part), re-using the cached pullbacks. :math:`T_1 v` is the
 backward pass seeded with :math:`\nabla^2_z\ell\,(J_z v)`. Parameters that enter an op together with
@@ -57,6 +61,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from oba.curvature import Batch, LossFn, Params, check_vector, curvature_context, select_params, split_batch
+from oba.normalization import batch_norm_layout, project, standardization_hvp
 
 __all__ = ["TERMS", "HessianDecomposition", "decomposed_hvp", "term_hvp", "hessian_block_structure"]
 
@@ -127,6 +132,129 @@ def _differentiable_outputs(out: Any) -> Any:
     return out
 
 
+def _conv_backward(op: _Op, env: Mapping[fx.Node, Any], g: Tensor, x: Tensor, w: Tensor, mask: Sequence[bool]) -> Any:
+    """``aten.convolution_backward`` of ``op`` (a convolution) at input ``x`` and weight ``w``: the input,
+    weight and bias gradients selected by ``mask`` for output gradient ``g`` (the others are ``None``)."""
+    args = [env[a] if isinstance(a, fx.Node) else a for a in op.node.args]
+    bias = args[2]
+    return aten.convolution_backward(g, x, w, None if bias is None else list(bias.shape), *args[3:], list(mask))
+
+
+def _first_three_operands(op: _Op, need: Sequence[bool]) -> tuple[dict[int, int], list[bool]] | None:
+    """For an op whose tangent-carrying operands are among its first three arguments (input, weight, bias):
+    ``{slot leaf: argument index}`` and the ``output_mask`` of its fused backward kernel; ``None`` otherwise."""
+    position = {op.leaf_of_arg(i): i for i in range(3)}
+    if any(k not in position for k in op.slots):
+        return None
+    mask = [False] * 3
+    for k, wanted in zip(op.slots, need, strict=True):
+        mask[position[k]] = wanted
+    return position, mask
+
+
+def _conv_pullback(trace: _Trace, op: _Op, cot: Any, need: Sequence[bool]) -> list[Tensor | None] | None:
+    r"""VJP of ``convolution(x, W, b)`` computing only the operand gradients in ``need`` (per slot)."""
+    position, mask = _first_three_operands(op, need)
+    if not any(mask):
+        return [None] * len(op.slots)
+    x, w = (trace.value[a] if isinstance(a, fx.Node) else a for a in op.node.args[:2])
+    grads = _conv_backward(op, trace.value, cot, x, w, mask)
+    return [grads[position[k]] if wanted else None for k, wanted in zip(op.slots, need, strict=True)]
+
+
+def _batch_norm_is_train(op: _Op) -> bool:
+    """``native_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps)`` with batch statistics."""
+    return op.node.args[5] is True
+
+
+def _batch_norm_pullback(trace: _Trace, op: _Op, cot: Any, need: Sequence[bool]) -> list[Tensor | None] | None:
+    """VJP of train-mode ``native_batch_norm`` by the fused kernel, when only its normalised output has a
+    cotangent; ``None`` (use the generic VJP) otherwise."""
+    operands = _first_three_operands(op, need)
+    if not _batch_norm_is_train(op) or any(c is not None for c in cot[1:]) or cot[0] is None or operands is None:
+        return None
+    position, mask = operands
+    x, w, _, rm, rv, _, _, eps = (trace.value[a] if isinstance(a, fx.Node) else a for a in op.node.args)
+    _, mean, inv_std = trace.value[op.node]
+    grads = aten.native_batch_norm_backward(cot[0], x, w, rm, rv, mean, inv_std, True, eps, mask)
+    return [grads[position[k]] if wanted else None for k, wanted in zip(op.slots, need, strict=True)]
+
+
+#: ops with a direct VJP (fused kernels, only the needed operand gradients) instead of ``torch.func.vjp``
+_FAST_PULLBACKS = {aten.convolution.default: _conv_pullback, aten.native_batch_norm.default: _batch_norm_pullback}
+
+
+def _batch_norm_jvp(trace: _Trace, op: _Op) -> tuple[Any, Any] | None:
+    r"""Value and tangent of train-mode ``native_batch_norm`` -> ``(y, mean, inv_std)`` in closed form:
+    :math:`\mathrm{d}y = \gamma r P\mathrm{d}x + \mathrm{d}\gamma\,\hat x + \mathrm{d}\beta` (shape of x),
+    :math:`\mathrm{d}\mu = \langle\mathrm{d}x\rangle`, :math:`\mathrm{d}r = -r^2\langle\hat x\,\mathrm{d}x\rangle`
+    (``[C]``), with :math:`r = \sigma^{-1}` and :math:`P` of :mod:`oba.normalization`. ``None`` (use the generic
+    JVP) for eval mode or tangents on other arguments."""
+    operands = _first_three_operands(op, [True] * len(op.slots))
+    if not _batch_norm_is_train(op) or operands is None:
+        return None
+    position = operands[0]
+    value = op.call([trace.value[op.leaves[k]] for k in op.slots], trace.value)
+    x, w = (trace.value[a] if isinstance(a, fx.Node) else a for a in op.node.args[:2])
+    y, mean, inv_std = value
+    dims, channel = batch_norm_layout(x)
+    r = inv_std.view(channel)
+    xhat = (x - mean.view(channel)) * r
+    d = {position[k]: trace.tangent[op.leaves[k]] for k in op.slots}
+    dy, d_mean, d_inv_std = torch.zeros_like(y), torch.zeros_like(mean), torch.zeros_like(inv_std)
+    if 0 in d:
+        gamma_r = r if w is None else w.view(channel) * r
+        dy = dy + gamma_r * project(d[0], xhat, dims)
+        d_mean = d[0].mean(dim=dims)
+        d_inv_std = -inv_std * inv_std * (xhat * d[0]).mean(dim=dims)
+    if 1 in d:
+        dy = dy + d[1].view(channel) * xhat
+    if 2 in d:
+        dy = dy + d[2].view(channel)
+    return value, (dy, d_mean, d_inv_std)
+
+
+#: ops with a closed-form JVP instead of ``torch.func.jvp``
+_FAST_JVPS = {aten.native_batch_norm.default: _batch_norm_jvp}
+
+
+@dataclass
+class _Standardization:
+    r"""Where a train-mode BatchNorm or a LayerNorm node standardises (see :mod:`oba.normalization`).
+
+    ``xhat`` (shape of x), ``inv_std`` (:math:`\sigma^{-1}`, broadcastable to x), ``dims`` (the reduced
+    dims), ``weight_view`` (the shape that makes a weight-shaped tensor broadcast against x: ``[1, C, 1, 1]``
+    for BatchNorm2d), ``gamma`` (the weight so viewed, or ``None``), ``weight_dims`` (the dims of x a
+    weight gradient sums over).
+    """
+
+    xhat: Tensor
+    inv_std: Tensor
+    dims: list[int]
+    weight_view: list[int]
+    gamma: Tensor | None
+    weight_dims: list[int]
+
+
+def _standardization(trace: _Trace, op: _Op) -> _Standardization | None:
+    """The standardisation of a train-mode ``native_batch_norm`` or a ``native_layer_norm`` node, else ``None``."""
+    node = op.node
+    x = trace.value[node.args[0]]
+    _, mean, inv_std = trace.value[node]
+    if node.target is aten.native_batch_norm.default and _batch_norm_is_train(op) and x.dim() > 1:
+        dims, channel = batch_norm_layout(x)
+        mean, inv_std = mean.view(channel), inv_std.view(channel)
+        weight = trace.value[node.args[1]] if isinstance(node.args[1], fx.Node) else None
+        gamma = None if weight is None else weight.view(channel)
+        return _Standardization((x - mean) * inv_std, inv_std, dims, channel, gamma, dims)
+    if node.target is aten.native_layer_norm.default:
+        dims = list(range(x.dim() - len(node.args[1]), x.dim()))
+        weight = trace.value[node.args[2]] if isinstance(node.args[2], fx.Node) else None
+        view = list(x.shape[dims[0] :])
+        return _Standardization((x - mean) * inv_std, inv_std, dims, view, weight, list(range(dims[0])))
+    return None
+
+
 @dataclass
 class _Op:
     """One traced op: the call, which of its (flattened) operands carry a tangent, and their kinds."""
@@ -176,6 +304,7 @@ class _Trace:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         names = list(state) + [None] * len(args)
         self.param_nodes = OrderedDict((n, node) for n, node in zip(names, placeholders, strict=True) if n in tangents)
+        self.param_leaves = set(self.param_nodes.values())
         self.value: dict[fx.Node, Any] = {}
         self.tangent: dict[fx.Node, Any] = {}
         self.kind: dict[fx.Node, str] = {}  # "param": depends on parameters only; "data": on the inputs too
@@ -215,22 +344,34 @@ class _Trace:
             self.tangent[node] = None
             return
         self.ops[node] = op
-        primal = tuple(self.value[leaves[k]] for k in slots)
-        tangent = tuple(self.tangent[leaves[k]] for k in slots)
-        value, tan = jvp(lambda *xs: op.call(xs, self.value), primal, tangent)
+        fast = _FAST_JVPS.get(node.target)
+        value_and_tangent = None if fast is None else fast(self, op)
+        if value_and_tangent is None:
+            primal = tuple(self.value[leaves[k]] for k in slots)
+            tangent = tuple(self.tangent[leaves[k]] for k in slots)
+            value_and_tangent = jvp(lambda *xs: op.call(xs, self.value), primal, tangent)
+        value, tan = value_and_tangent
         self.value[node] = value
         if isinstance(value, (tuple, list)):
             self.tangent[node] = tuple(t if v.is_floating_point() else None for v, t in zip(value, tan, strict=True))
         else:
             self.tangent[node] = tan
 
-    def pullback(self, node: fx.Node) -> Callable[[Any], tuple[Tensor, ...]]:
-        """The op's VJP w.r.t. its tangent-carrying operands (computed once, cached)."""
+    def pullback(self, node: fx.Node, cot: Any, need: Sequence[bool]) -> Sequence[Tensor | None]:
+        """The op's VJP of ``cot`` w.r.t. its tangent-carrying operands (``None`` where not ``need``-ed).
+
+        Convolutions and train-mode BatchNorm use their fused backward kernels and compute only the
+        needed gradients; other ops a ``torch.func.vjp`` closure, built once and cached.
+        """
         op = self.ops[node]
+        fast = _FAST_PULLBACKS.get(node.target)
+        grads = None if fast is None else fast(self, op, cot, need)
+        if grads is not None:
+            return grads
         if not hasattr(op, "vjp_fn"):
             primal = tuple(self.value[op.leaves[k]] for k in op.slots)
             _, op.vjp_fn = vjp(lambda *xs: op.call_differentiable(xs, self.value), *primal)
-        return op.vjp_fn
+        return op.vjp_fn(self._cotangent_struct(node, cot))
 
     def _cotangent_struct(self, node: fx.Node, cot: Any) -> Any:
         """The cotangent in the shape :meth:`_Op.call_differentiable` returns (zeros where none arrived)."""
@@ -243,10 +384,11 @@ class _Trace:
             if isinstance(v, Tensor) and v.is_floating_point()
         )
 
-    def backward(self, seeds: Mapping[fx.Node, Tensor]) -> dict[fx.Node, Any]:
+    def backward(self, seeds: Mapping[fx.Node, Tensor], *, to_params: bool = True) -> dict[fx.Node, Any]:
         """Pull cotangents ``seeds`` (placed on any nodes) back through the graph with first-order VJPs.
 
-        Returns the accumulated cotangent of every node reached (tuples for multi-output ops).
+        Returns the accumulated cotangent of every node reached (tuples for multi-output ops);
+        ``to_params=False`` skips the gradients of the parameters themselves (only activations' are wanted).
         """
         cot: dict[fx.Node, Any] = {}
 
@@ -270,9 +412,11 @@ class _Trace:
                 continue
             if node not in self.ops:
                 continue
-            grads = self.pullback(node)(self._cotangent_struct(node, cot[node]))
-            for k, g in zip(self.ops[node].slots, grads, strict=True):
-                add(self.ops[node].leaves[k], g)
+            leaves = [self.ops[node].leaves[k] for k in self.ops[node].slots]
+            need = [to_params or leaf not in self.param_leaves for leaf in leaves]
+            for leaf, g in zip(leaves, self.pullback(node, cot[node], need), strict=True):
+                if g is not None:
+                    add(leaf, g)
         return cot
 
     def _term(self, node_i: fx.Node, node_j: fx.Node, same_slot: bool) -> str:
@@ -294,6 +438,13 @@ class _Trace:
             if node.target in _LINEAR_OPS or node.target in _PIECEWISE_LINEAR_OPS or node not in gradients:
                 continue
             g = self._cotangent_struct(node, gradients[node])
+            if node.target is aten.convolution.default:
+                self._conv_sources(op, g, add)
+                continue
+            std = _standardization(self, op) if node.target in _AFFINE_NORM_OPS else None
+            if std is not None and all(c is None for c in gradients[node][1:]):
+                self._standardization_sources(op, std, g[0], add)
+                continue
             if node.target in _BILINEAR_OPS:
                 p, q = _BILINEAR_OPS[node.target]
                 if p in op.slots and q in op.slots:  # both operands depend on the parameters
@@ -331,6 +482,48 @@ class _Trace:
                     node_i = op.leaves[slot_i]
                     add(self._term(node_i, op.leaves[slot_j], same_slot=i == j), node_i, src[i])
         return out
+
+    def _conv_sources(self, op: _Op, g: Tensor, add: Callable[[str, fx.Node, Tensor], None]) -> None:
+        r"""Sources of :math:`Y = \mathrm{conv}(X, W) + b`, bilinear in :math:`(X, W)`, for output gradient
+        :math:`G` ``[N, C_out, H', W']``: on :math:`X` the input-gradient of :math:`(G, \mathrm{d}W)`, on
+        :math:`W` the weight-gradient of :math:`(G, \mathrm{d}X)` (one fused backward kernel each)."""
+        x_slot, w_slot = op.leaf_of_arg(0), op.leaf_of_arg(1)
+        if x_slot not in op.slots or w_slot not in op.slots:
+            return
+        x_node, w_node = op.leaves[x_slot], op.leaves[w_slot]
+        x, w = self.value[x_node], self.value[w_node]
+        term = self._term(x_node, w_node, same_slot=False)
+        add(term, x_node, _conv_backward(op, self.value, g, x, self.tangent[w_node], [True, False, False])[0])
+        add(term, w_node, _conv_backward(op, self.value, g, self.tangent[x_node], w, [False, True, False])[1])
+
+    def _standardization_sources(
+        self, op: _Op, std: _Standardization, g: Tensor, add: Callable[[str, fx.Node, Tensor], None]
+    ) -> None:
+        r"""Closed-form sources of :math:`y = \gamma\odot\hat x(x) + \beta` (train-mode BatchNorm, LayerNorm)
+        for output gradient :math:`G` (shape of x), :math:`\tilde G = \gamma\odot G`; see :mod:`oba.normalization`:
+
+        * nonlinear, on x: :math:`\partial^2_{xx}\langle\tilde G,\hat x\rangle\,\mathrm{d}x
+          = -\sigma^{-2}[\langle\mathrm{d}x\,P\tilde G\rangle\hat x + \langle\tilde G\hat x\rangle P\mathrm{d}x
+          + \langle\mathrm{d}x\,\hat x\rangle P\tilde G]` (shape of x);
+        * x with :math:`\gamma` (series or parallel): on x :math:`\sigma^{-1}P(\mathrm{d}\gamma\odot G)`,
+          on :math:`\gamma` :math:`\sum G\odot\sigma^{-1}P\mathrm{d}x` over the dims :math:`\gamma` is broadcast
+          along (shape of :math:`\gamma`). :math:`y` is linear in :math:`\gamma` and :math:`\beta` otherwise.
+        """
+        x_slot = op.leaf_of_arg(0)
+        if x_slot not in op.slots:
+            return
+        x_node = op.leaves[x_slot]
+        dx = self.tangent[x_node]
+        g_hat = g if std.gamma is None else std.gamma * g
+        p_dx = project(dx, std.xhat, std.dims)
+        add("nonlinear", x_node, standardization_hvp(g_hat, std.xhat, std.inv_std, dx, std.dims, p_dx=p_dx))
+        w_slot = op.leaf_of_arg(_AFFINE_NORM_OPS[op.node.target][0])
+        if w_slot in op.slots:
+            w_node = op.leaves[w_slot]
+            d_gamma = self.tangent[w_node].view(std.weight_view)
+            term = self._term(x_node, w_node, same_slot=False)
+            add(term, x_node, std.inv_std * project(d_gamma * g, std.xhat, std.dims))
+            add(term, w_node, (g * std.inv_std * p_dx).sum(dim=std.weight_dims))
 
 
 class HessianDecomposition:
@@ -386,7 +579,7 @@ class HessianDecomposition:
             if dz is None:
                 raise ValueError("the model output does not depend on the selected parameters")
             g_z, hdz = jvp(grad(loss_of_outputs), (z.detach(),), (dz,))
-            gradients = trace.backward({trace.output: g_z})
+            gradients = trace.backward({trace.output: g_z}, to_params=False)
             seeds = trace.sources(gradients) if set(terms) - {"gauss_newton"} else {}
             seeds["gauss_newton"] = {trace.output: hdz}
             cots = {term: trace.backward(seeds[term]) for term in terms}  # one backward sweep per term

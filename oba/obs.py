@@ -177,7 +177,7 @@ class LinearGradients(GradientMatrix):
     """
 
     def __init__(
-        self, factors: Sequence[tuple[Tensor, Tensor]], *, dtype: torch.dtype = torch.float64, chunk: int = 1024
+        self, factors: Sequence[tuple[Tensor, Tensor]], *, dtype: torch.dtype = torch.float64, chunk: int = 256
     ) -> None:
         if not factors:
             raise ValueError("LinearGradients needs at least one (delta, act) pair")
@@ -188,10 +188,11 @@ class LinearGradients(GradientMatrix):
                     f"each factor pair must be (delta [N, out], act [N, in]) with the same N={n}; "
                     f"got {tuple(delta.shape)} and {tuple(act.shape)}"
                 )
-        self.factors = [(d.to(dtype), a.to(dtype)) for d, a in factors]
-        # row-major copies of the transposes: fast gathers of single columns of G
-        self._delta_t = [d.T.contiguous() for d, _ in self.factors]
-        self._act_t = [a.T.contiguous() for _, a in self.factors]
+        # stored transposed (row-major [out, N] and [in, N]): single columns of G are fast row gathers;
+        # self.factors gives the [N, out] / [N, in] views without copies
+        self._delta_t = [d.T.to(dtype).contiguous() for d, _ in factors]
+        self._act_t = [a.T.to(dtype).contiguous() for _, a in factors]
+        self.factors = [(dt.T, at.T) for dt, at in zip(self._delta_t, self._act_t, strict=True)]
         self.shapes = [(d.shape[1], a.shape[1]) for d, a in self.factors]
         sizes = [o * i for o, i in self.shapes]
         self.offsets = [0, *itertools.accumulate(sizes)]
@@ -388,7 +389,7 @@ class EmpiricalFisher:
         chunk: columns per chunk in :meth:`inverse_diagonal`.
     """
 
-    def __init__(self, grads: GradientMatrix | Tensor, damp: float, *, method: str = "auto", chunk: int = 1024):
+    def __init__(self, grads: GradientMatrix | Tensor, damp: float, *, method: str = "auto", chunk: int = 256):
         if isinstance(grads, Tensor):
             grads = DenseGradients(grads)
         if not damp > 0:

@@ -251,3 +251,38 @@ def test_parallel_term_in_closed_form():
     assert all(t.abs().max() == 0 for t in parts["nonlinear"].values())
     exact = flatten_params(hvp(model, F.cross_entropy, (x, y), v))
     assert rel_err(sum(flatten_params(p) for p in parts.values()), exact) < EXACT_RTOL
+
+
+def test_closed_form_batch_norm_tangents_match_torch_func():
+    """The traced forward's closed-form train-mode BatchNorm tangents (output, mean, inv_std) = torch.func.jvp."""
+    from torch.func import jvp
+
+    from oba.curvature import curvature_context, split_batch
+    from oba.decompose import _Trace
+
+    case = make_case("residual_bn_train")
+    decomposition = HessianDecomposition(case.model, case.loss_fn)
+    state, (args, _) = decomposition._state(), split_batch(case.batch)
+    tangents = random_vector(select_params(case.model))
+    with curvature_context(case.model):
+        trace = _Trace(decomposition._graph(state, args), state, tangents, args)
+        checked = 0
+        for node, op in trace.ops.items():
+            if "native_batch_norm" in str(node.target):
+                primal = tuple(trace.value[op.leaves[k]] for k in op.slots)
+                tangent = tuple(trace.tangent[op.leaves[k]] for k in op.slots)
+                _, (expected_y, _, _) = jvp(lambda *xs, op=op: op.call(xs, trace.value), primal, tangent)
+                # torch's forward AD gives the saved statistics no tangent: differentiate them directly
+                x, eps = trace.value[node.args[0]], node.args[7]
+
+                def stats(x, eps=eps):
+                    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+                    return mean, (var + eps).rsqrt()
+
+                _, expected_stats = jvp(stats, (x,), (trace.tangent[node.args[0]],))
+                mine_y, *mine_stats = trace.tangent[node]
+                assert rel_err(mine_y, expected_y) < EXACT_RTOL
+                for mine, ref in zip(mine_stats, expected_stats, strict=True):
+                    assert rel_err(mine, ref) < EXACT_RTOL
+                checked += 1
+    assert checked == 2
