@@ -21,11 +21,15 @@ from oba.curvature import (
     unflatten_params,
 )
 from oba.importance import CRITERIA, score
+from oba.prune import load_pruned, prune_structured, save_pruned
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CRITERIA",
+    "load_pruned",
+    "prune_structured",
+    "save_pruned",
     "score",
     "curvature_context",
     "empirical_fisher_vp",

@@ -26,3 +26,22 @@ def test_readme_pruning_snippet(require_data, monkeypatch, data_dir):
     scores = torch.cat([scope["scores"][f"{n}.weight"].flatten() for n in scope["convs"]])
     flat_mask = torch.cat([mk.flatten() for mk in masks]).bool()
     assert scores[flat_mask].min() >= scores[~flat_mask].max()
+
+
+def test_readme_structured_snippet(require_data, monkeypatch, data_dir, tmp_path):
+    require_data("checkpoints/resnet32-d509ac18.th")
+    require_data("cifar10/cifar10-jpeg-q75.tar.gz")
+    monkeypatch.setenv("OBA_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    section = README.read_text().split("## Prune channels to a FLOPs target", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    snippet = snippet.replace("steps=5", "steps=2").replace("batches_per_step=4", "batches_per_step=1")  # CI size
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    history = scope["history"]
+    assert 0.45 < history[-1]["flops_kept"] <= 0.5
+    import oba
+
+    loaded = oba.load_pruned(tmp_path / "resnet32_oba_half.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), scope["model"].eval()(x))
