@@ -32,6 +32,8 @@ def test_terms_sum_to_the_exact_hvp(name):
     assert list(parts) == list(TERMS)
     exact = flatten_params(hvp(case.model, case.loss_fn, case.batch, v))
     assert rel_err(sum(parts.values()), exact) < EXACT_RTOL
+    one_sweep = flatten_params(term_hvp(case.model, case.loss_fn, case.batch, v))  # sources summed, one backward
+    assert rel_err(one_sweep, exact) < EXACT_RTOL
 
 
 @pytest.mark.parametrize("name", TOY_CASES)
