@@ -427,8 +427,13 @@ class _Trace:
             return "series"
         return "parallel"
 
-    def sources(self, gradients: Mapping[fx.Node, Any]) -> dict[str, dict[fx.Node, Tensor]]:
-        r"""Second-order sources :math:`s_{c,i} = \sum_j M^c_{ij} da_{c,j}` of every op, split by term."""
+    def sources(
+        self, gradients: Mapping[fx.Node, Any], terms: Sequence[str] = TERMS
+    ) -> dict[str, dict[fx.Node, Tensor]]:
+        r"""Second-order sources :math:`s_{c,i} = \sum_j M^c_{ij} da_{c,j}` of every op, split by term.
+
+        Closed-form sources of a term not in ``terms`` are not computed (its entry may stay incomplete).
+        """
         out: dict[str, dict[fx.Node, Tensor]] = {"series": {}, "parallel": {}, "nonlinear": {}}
 
         def add(term: str, node: fx.Node, value: Tensor) -> None:
@@ -443,7 +448,7 @@ class _Trace:
                 continue
             std = _standardization(self, op) if node.target in _AFFINE_NORM_OPS else None
             if std is not None and all(c is None for c in gradients[node][1:]):
-                self._standardization_sources(op, std, g[0], add)
+                self._standardization_sources(op, std, g[0], add, nonlinear="nonlinear" in terms)
                 continue
             if node.target in _BILINEAR_OPS:
                 p, q = _BILINEAR_OPS[node.target]
@@ -497,7 +502,13 @@ class _Trace:
         add(term, w_node, _conv_backward(op, self.value, g, self.tangent[x_node], w, [False, True, False])[1])
 
     def _standardization_sources(
-        self, op: _Op, std: _Standardization, g: Tensor, add: Callable[[str, fx.Node, Tensor], None]
+        self,
+        op: _Op,
+        std: _Standardization,
+        g: Tensor,
+        add: Callable[[str, fx.Node, Tensor], None],
+        *,
+        nonlinear: bool = True,
     ) -> None:
         r"""Closed-form sources of :math:`y = \gamma\odot\hat x(x) + \beta` (train-mode BatchNorm, LayerNorm)
         for output gradient :math:`G` (shape of x), :math:`\tilde G = \gamma\odot G`; see :mod:`oba.normalization`:
@@ -508,15 +519,18 @@ class _Trace:
         * x with :math:`\gamma` (series or parallel): on x :math:`\sigma^{-1}P(\mathrm{d}\gamma\odot G)`,
           on :math:`\gamma` :math:`\sum G\odot\sigma^{-1}P\mathrm{d}x` over the dims :math:`\gamma` is broadcast
           along (shape of :math:`\gamma`). :math:`y` is linear in :math:`\gamma` and :math:`\beta` otherwise.
+
+        ``nonlinear=False`` skips the first (the most expensive) when that term is not wanted.
         """
         x_slot = op.leaf_of_arg(0)
         if x_slot not in op.slots:
             return
         x_node = op.leaves[x_slot]
         dx = self.tangent[x_node]
-        g_hat = g if std.gamma is None else std.gamma * g
         p_dx = project(dx, std.xhat, std.dims)
-        add("nonlinear", x_node, standardization_hvp(g_hat, std.xhat, std.inv_std, dx, std.dims, p_dx=p_dx))
+        if nonlinear:
+            g_hat = g if std.gamma is None else std.gamma * g
+            add("nonlinear", x_node, standardization_hvp(g_hat, std.xhat, std.inv_std, dx, std.dims, p_dx=p_dx))
         w_slot = op.leaf_of_arg(_AFFINE_NORM_OPS[op.node.target][0])
         if w_slot in op.slots:
             w_node = op.leaves[w_slot]
@@ -595,7 +609,7 @@ class HessianDecomposition:
                 raise ValueError("the model output does not depend on the selected parameters")
             g_z, hdz = jvp(grad(loss_of_outputs), (z.detach(),), (dz,))
             gradients = trace.backward({trace.output: g_z}, to_params=False)
-            seeds = trace.sources(gradients) if wanted - {"gauss_newton"} else {}
+            seeds = trace.sources(gradients, tuple(wanted)) if wanted - {"gauss_newton"} else {}
             seeds["gauss_newton"] = {trace.output: hdz}
             cots = {key: trace.backward(_merge(seeds[t] for t in terms)) for key, terms in groups.items()}
         return {

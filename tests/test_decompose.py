@@ -167,6 +167,18 @@ def test_decomposition_leaves_the_model_alone():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in case.model.modules())
 
 
+@pytest.mark.parametrize("name", TOY_CASES)
+@pytest.mark.parametrize("terms", [("series", "parallel"), ("gauss_newton", "nonlinear"), ("nonlinear",)])
+def test_a_sum_of_terms_in_one_sweep_equals_the_sum_of_the_parts(name, terms):
+    """``hvp(terms)`` sums the sources first (and skips unwanted closed-form ones): same as adding the parts."""
+    case = make_case(name)
+    v = random_vector(select_params(case.model))
+    parts = parts_of(case, v)
+    summed = flatten_params(term_hvp(case.model, case.loss_fn, case.batch, v, terms=terms))
+    expected = sum(parts[t] for t in terms)
+    assert (summed - expected).abs().max() <= EXACT_RTOL * max(expected.abs().max(), parts["gauss_newton"].abs().max())
+
+
 def test_subset_of_terms_and_parameters():
     case = make_case("attention_plain")
     names = ["q.weight", "k.weight", "head.bias"]
