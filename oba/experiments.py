@@ -12,6 +12,11 @@ so a rerun of the same call skips what is done and continues where it stopped:
   against the dense model), fine-tune, continue from the fine-tuned model.
 
 Criteria are named by :data:`CRITERION_PRESETS` (a criterion of :func:`oba.prune.make_scorer` plus options).
+Every criterion prunes a copy of the given model as it is, except ``"eigendamage"``: the copy is first
+reparametrised in the Kronecker-factored eigenbasis (:func:`oba.eigendamage.to_eigenbasis`), only its
+eigen-channels are pruned, and FLOPs are measured against the model before the reparametrisation
+(:func:`_prepare`). Its records' ``widths`` hold the outer widths under the original layer names (what the other
+criteria's ``widths`` hold) and ``inner_widths`` the widths of the reparametrised layers' parts.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ CRITERION_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "kron_obs": ("kron_obs", {}),  # K-FAC OBS with compensation inside the layer
     "oba": ("oba", {}),  # exact: theta * (H theta), all four Hessian terms
     "oba_two_term": ("oba", {"terms": ("series", "parallel")}),  # the published code's criterion
+    "eigendamage": ("eigendamage", {}),  # OBD in the K-FAC eigenbasis, true Fisher, eigen-channels only
 }
 """Named structured criteria: ``name -> (criterion of make_scorer, options)``."""
 
@@ -89,6 +95,38 @@ def _scorer(name: str, loss_fn: Callable) -> Callable:
         raise ValueError(f"unknown criterion preset {name!r}; choose from {', '.join(CRITERION_PRESETS)}")
     criterion, options = CRITERION_PRESETS[name]
     return make_scorer(criterion, loss_fn, **options)
+
+
+def _prepare(
+    name: str, model: nn.Module, reference: nn.Module, prune_options: Mapping[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to prune for preset ``name`` and the options of :func:`oba.prune_structured` that go with it.
+
+    Most criteria prune ``model`` as it is (no extra options). EigenDamage reparametrises it first (in place,
+    :func:`oba.eigendamage.to_eigenbasis`; a no-op for layers already reparametrised, as in later stages of the
+    iterative protocol), prunes only eigen-channels (``ignored_layers``) and measures FLOPs against
+    ``reference`` (the dense model), since the reparametrised model starts with more FLOPs than it.
+    """
+    if CRITERION_PRESETS[name][0] != "eigendamage":
+        return model, {}
+    from oba.eigendamage import eigenbasis_ignored_layers, to_eigenbasis
+
+    if "ignored_layers" in prune_options:
+        raise ValueError("the eigendamage preset prunes eigen-channels only and sets ignored_layers itself")
+    to_eigenbasis(model)
+    return model, {"ignored_layers": eigenbasis_ignored_layers(model), "reference": reference}
+
+
+def _split_widths(widths: Mapping[str, int], model: nn.Module) -> dict[str, Any]:
+    """``{"widths": ...}`` of ``model``'s layers, with the parts of its reparametrised layers (EigenDamage) under
+    ``"inner_widths"`` instead, so that ``widths`` has the original layer names for every criterion."""
+    from oba.eigendamage import eigenbasis_layers
+
+    parts = {f"{name}.{part}" for name in eigenbasis_layers(model) for part in ("rotate_in", "core", "rotate_out")}
+    out: dict[str, Any] = {"widths": {k: v for k, v in widths.items() if k not in parts}}
+    if parts:
+        out["inner_widths"] = {k: v for k, v in widths.items() if k in parts}
+    return out
 
 
 def _evaluate_all(model: nn.Module, eval_loaders: Mapping[str, Iterable[Batch]]) -> dict[str, float]:
@@ -137,7 +175,8 @@ def structured_sweep(
         if {r["keep_flops"] for r in log.find(criterion=name)} >= set(targets):
             continue
         scorer = _scorer(name, loss_fn)
-        model = copy.deepcopy(dense)
+        model, extra = _prepare(name, copy.deepcopy(dense), prune_options.get("reference", dense), prune_options)
+        options = {**prune_options, **extra}
         pending: list[dict[str, Any]] = []
 
         def on_step(m: nn.Module, record: dict[str, Any], name: str = name, pending: list = pending) -> None:
@@ -150,13 +189,13 @@ def structured_sweep(
                 recal = copy.deepcopy(m)
                 recalibrate_batchnorm(recal, recalibrate_loader, recalibrate_batches)
                 row.update({f"{k}_recal": v for k, v in _evaluate_all(recal, eval_loaders).items()})
-            row["widths"] = record["widths"]
+            row.update(_split_widths(record["widths"], m))
             pending.append(row)
 
         prune_structured(
             model, example_inputs, scorer, keep_flops=targets[-1], step_targets=steps, loss_fn=loss_fn,
             batches=score_batches, batches_per_step=batches_per_step, on_step=on_step, progress=progress,
-            **prune_options,
+            **options,
         )  # fmt: skip
         for row in pending:  # all targets of a criterion land together: a partial trajectory is redone
             log.append(row)
@@ -202,10 +241,13 @@ def prune_and_fine_tune(
         model = load_pruned(pruned_path)
         history = None
     else:
-        model = copy.deepcopy(dense)
+        model, extra = _prepare(
+            criterion, copy.deepcopy(dense), dense if reference is None else reference, prune_options
+        )
+        options = {"reference": reference, **prune_options, **extra}
         _, history = prune_structured(
             model, example_inputs, _scorer(criterion, loss_fn), keep_flops=keep_flops, loss_fn=loss_fn,
-            batches=score_batches, reference=reference, progress=progress, **prune_options,
+            batches=score_batches, progress=progress, **options,
         )  # fmt: skip
         save_pruned(model, pruned_path, arch, arch_kwargs)
     before = _evaluate_all(model, eval_loaders)
@@ -223,7 +265,7 @@ def prune_and_fine_tune(
     record.update(_evaluate_all(model, eval_loaders))
     record.update(fine_tune_seconds=time.perf_counter() - start)
     if history is not None:
-        record["widths"] = history[-1]["widths"]
+        record.update(_split_widths(history[-1]["widths"], model))
     log.append(record)
     return model, record
 

@@ -68,8 +68,10 @@ __all__ = [
     "save_pruned",
 ]
 
-STRUCTURED_CRITERIA: tuple[str, ...] = (*CRITERIA, "kron_obd", "kron_obs")
-"""Criteria names :func:`make_scorer` accepts: those of :func:`oba.score` plus the K-FAC ones (:mod:`oba.kfac`)."""
+STRUCTURED_CRITERIA: tuple[str, ...] = (*CRITERIA, "kron_obd", "kron_obs", "eigendamage")
+"""Criteria names :func:`make_scorer` accepts: those of :func:`oba.score`, the K-FAC ones (:mod:`oba.kfac`) and
+``"eigendamage"`` (:mod:`oba.eigendamage`; only for a model reparametrised by
+:func:`oba.eigendamage.to_eigenbasis`)."""
 
 PRUNED_FORMAT = "oba.pruned/1"
 
@@ -104,12 +106,19 @@ def make_scorer(
         normalizer, group_reduction: how channel scores are formed (:class:`oba.structured.ParameterScoreImportance`).
         options: passed to :func:`oba.score` (e.g. ``terms=("series", "parallel")`` for the published OBA
             criterion, ``fisher="per_batch"``), or for the K-FAC criteria ``damping`` (default 1e-3) and
-            ``sampled`` (labels sampled from the model, default False).
+            ``sampled`` (labels sampled from the model, default False); ``"eigendamage"`` takes those of
+            :func:`oba.eigendamage.make_eigendamage_scorer` (``sampled=True``, ``damping=0`` by default).
     """
     if criterion not in STRUCTURED_CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(STRUCTURED_CRITERIA)}")
     if criterion != "magnitude" and loss_fn is None:
         raise ValueError(f"criterion {criterion!r} needs a loss_fn")
+    if criterion == "eigendamage":
+        from oba.eigendamage import make_eigendamage_scorer
+
+        return make_eigendamage_scorer(
+            loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress, **options
+        )
 
     def scorer(model: nn.Module, batches: Sequence[Batch]) -> Callable[[Any], Tensor | None]:
         if criterion in ("kron_obd", "kron_obs"):
@@ -185,10 +194,16 @@ def _default_num_heads(model: nn.Module) -> dict[nn.Module, int]:
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv / linear / norm layer (``out_channels``, ``out_features``, ...), by name."""
+    """Output width of every conv / linear / norm layer (``out_channels``, ``out_features``, ...), by name; a
+    layer reparametrised by :func:`oba.eigendamage.to_eigenbasis` has its output width under its own name, and
+    its three parts their widths under theirs."""
+    from oba.eigendamage import EigenbasisLayer
+
     widths = {}
     for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(m, EigenbasisLayer):
+            widths[name] = int(m.rotate_out.weight.shape[0])
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             widths[name] = int(m.weight.shape[1] if getattr(m, "transposed", False) else m.weight.shape[0])
         elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
             widths[name] = int(m.weight.shape[0] if m.weight.dim() else 1)
@@ -556,7 +571,9 @@ def _remove_until(
 def save_pruned(
     model: nn.Module, path: str | os.PathLike, arch: str, arch_kwargs: Mapping[str, Any] | None = None
 ) -> None:
-    """Write a pruned model as ``{format, arch, arch_kwargs, widths, state_dict}`` (atomic; no pickled code).
+    """Write a pruned model as ``{format, arch, arch_kwargs, widths, state_dict}`` (atomic; no pickled code),
+    plus ``eigenbasis_layers`` (their names) when layers were reparametrised by
+    :func:`oba.eigendamage.to_eigenbasis`, so that :func:`load_pruned` rebuilds that structure.
 
     Args:
         arch: the :mod:`oba.models` registry name the model was created from (e.g. ``"resnet32"``).
@@ -569,6 +586,10 @@ def save_pruned(
         "widths": layer_widths(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    from oba.eigendamage import eigenbasis_layers
+
+    if eigen := list(eigenbasis_layers(model)):
+        payload["eigenbasis_layers"] = eigen
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -583,7 +604,9 @@ def save_pruned(
 
 def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Read a file of :func:`save_pruned`: a fresh ``oba.models.create(arch, **arch_kwargs)`` (or ``model``),
-    resized to the saved widths, with the saved weights. Uses ``torch.load(weights_only=True)``.
+    resized to the saved widths, with the saved weights; the layers listed under ``eigenbasis_layers`` are first
+    reparametrised (:func:`oba.eigendamage.to_eigenbasis`, identity rotations, then the saved weights). Uses
+    ``torch.load(weights_only=True)``.
 
     Raises:
         ValueError: the file is not a pruned-model file of this format.
@@ -597,6 +620,10 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
             "plain state_dicts load with model.load_state_dict, training checkpoints with oba.train.load_checkpoint"
         )
     model = create(payload["arch"], **payload["arch_kwargs"]) if model is None else model
+    if payload.get("eigenbasis_layers"):
+        from oba.eigendamage import to_eigenbasis
+
+        to_eigenbasis(model, layers=[model.get_submodule(name) for name in payload["eigenbasis_layers"]])
     resize_to_state_dict(model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model
