@@ -73,3 +73,20 @@ def test_notebook_parameters_and_param_files(path):
         values = yaml.safe_load(file.read_text()) or {}
         unknown = set(values) - set(names)
         assert not unknown, f"{file.name} sets parameters the notebook does not have: {unknown}"
+
+
+PARAM_FILES = sorted((ROOT / "notebooks" / "params").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("file", PARAM_FILES, ids=lambda p: str(p.relative_to(ROOT / "notebooks" / "params")))
+def test_every_parameter_file_names_a_notebook_and_its_parameters(file):
+    """Any set (``--params <folder>``, nested folders too) only sets parameters its notebook has."""
+    notebook = ROOT / "notebooks" / f"{file.stem}.ipynb"
+    assert notebook.exists(), f"{file.name} names no notebook"
+    names = _parameters_cell(json.loads(notebook.read_text()))
+    values = yaml.safe_load(file.read_text()) or {}
+    assert not set(values) - set(names), f"unknown parameters {set(values) - set(names)}"
+    if "model_name" in values:
+        from oba.models import available
+
+        assert values["model_name"] in available(), values["model_name"]

@@ -118,6 +118,14 @@ def _build_registry() -> Mapping[str, ModelSpec]:
         _cifar_resnet_spec(56),
         _cifar_resnet_spec(110),
         _cifar_resnet_spec(32, width=4, name="resnet32_4x"),
+        ModelSpec(
+            "resnet32_4x_cifar100",
+            partial(cifar_resnet.cifar_resnet, 32, num_classes=100, width=4),
+            "cifar100",
+            CIFAR100_MEAN,
+            CIFAR100_STD,
+            (3, 32, 32),
+        ),
         ModelSpec("vgg19_bn", vgg.vgg19_bn, "cifar10", CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32)),
         ModelSpec(
             "vgg19_bn_cifar100",
