@@ -346,6 +346,7 @@ def masked_loss(
     device = next(model.parameters()).device
     batches = [to_device(tuple(b[:2]), device) for b in batches]
 
+    @torch.no_grad()  # the decorator above covers only this setup, not later calls of the closure
     def loss(flat: Tensor) -> float:
         new = unflatten_params(flat.to(device, next(iter(params.values())).dtype), params)
         total = count = 0.0

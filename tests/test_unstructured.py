@@ -11,6 +11,7 @@ from oba.unstructured import (
     cbs_prune,
     check_sparsity,
     criterion_scores,
+    masked_loss,
     masks_from_scores,
     prunable_layers,
     prune_unstructured,
@@ -128,6 +129,36 @@ def test_woodfisher_prune_updates_and_keeps_zeros():
     assert not torch.allclose(model(batches[0][0]), before)
     remove_masks(model)
     assert sparsity_report(model)["total"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_masked_loss_runs_without_autograd_and_leaves_the_model_alone():
+    model = _net()
+    batches = _batches(2)
+    names = ["3.weight", "5.weight"]
+    seen = []
+
+    def loss_fn(logits, y):
+        seen.append(torch.is_grad_enabled())
+        return F.cross_entropy(logits, y)
+
+    loss_of = masked_loss(model, loss_fn, batches, names)
+    theta = torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    zero_first = theta.clone()
+    zero_first[:10] = 0
+    with torch.enable_grad():  # later calls happen outside the decorated setup
+        value = loss_of(zero_first)
+    assert seen and not any(seen)
+    with torch.no_grad():
+        model[3].weight.view(-1)[:10] = 0
+        expected = sum(F.cross_entropy(model(x), y).item() * len(y) for x, y in batches) / sum(
+            len(y) for _, y in batches
+        )
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert loss_of(theta) != pytest.approx(value)
+    for k, v in state.items():
+        if k != "3.weight":
+            assert torch.equal(model.state_dict()[k], v)
 
 
 def test_cbs_prune_on_mlp_with_factored_gradients_is_deterministic():
