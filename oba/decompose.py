@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -384,8 +384,9 @@ class _Trace:
             if isinstance(v, Tensor) and v.is_floating_point()
         )
 
-    def backward(self, seeds: Mapping[fx.Node, Tensor], *, to_params: bool = True) -> dict[fx.Node, Any]:
-        """Pull cotangents ``seeds`` (placed on any nodes) back through the graph with first-order VJPs.
+    def backward(self, *seeds: Mapping[fx.Node, Tensor], to_params: bool = True) -> dict[fx.Node, Any]:
+        """Pull the cotangents of the ``seeds`` maps (placed on any nodes; several maps are summed, the sweep
+        being linear) back through the graph with first-order VJPs.
 
         Returns the accumulated cotangent of every node reached (tuples for multi-output ops);
         ``to_params=False`` skips the gradients of the parameters themselves (only activations' are wanted).
@@ -400,8 +401,9 @@ class _Trace:
                 parts[index] = value if parts[index] is None else parts[index] + value
                 cot[node] = tuple(parts)
 
-        for node, value in seeds.items():
-            add(node, value)
+        for seed in seeds:
+            for node, value in seed.items():
+                add(node, value)
         for node in reversed(list(self.gm.graph.nodes)):
             if node not in cot or node.op != "call_function":
                 continue
@@ -611,7 +613,7 @@ class HessianDecomposition:
             gradients = trace.backward({trace.output: g_z}, to_params=False)
             seeds = trace.sources(gradients, tuple(wanted)) if wanted - {"gauss_newton"} else {}
             seeds["gauss_newton"] = {trace.output: hdz}
-            cots = {key: trace.backward(_merge(seeds[t] for t in terms)) for key, terms in groups.items()}
+            cots = {key: trace.backward(*(seeds[t] for t in terms)) for key, terms in groups.items()}
         return {
             key: OrderedDict(
                 (n, cots[key][node].detach() if node in cots[key] else torch.zeros_like(primals[n]))
@@ -619,15 +621,6 @@ class HessianDecomposition:
             )
             for key in groups
         }
-
-
-def _merge(seeds: Iterable[Mapping[fx.Node, Tensor]]) -> dict[fx.Node, Tensor]:
-    """The sum of several ``{node: cotangent}`` seed maps (a backward sweep is linear in its seeds)."""
-    out: dict[fx.Node, Tensor] = {}
-    for seed in seeds:
-        for node, value in seed.items():
-            out[node] = value if node not in out else out[node] + value
-    return out
 
 
 def decomposed_hvp(
