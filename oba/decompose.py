@@ -388,8 +388,10 @@ class _Trace:
         """Pull the cotangents of the ``seeds`` maps (placed on any nodes; several maps are summed, the sweep
         being linear) back through the graph with first-order VJPs.
 
-        Returns the accumulated cotangent of every node reached (tuples for multi-output ops);
-        ``to_params=False`` skips the gradients of the parameters themselves (only activations' are wanted).
+        ``to_params=True``: returns the cotangents of the parameter nodes; every other node's cotangent is freed
+        as soon as it has been pulled back (the sweep then holds about one layer's worth of them, as autograd).
+        ``to_params=False``: returns the accumulated cotangent of every node reached (tuples for multi-output
+        ops), without computing the gradients of the parameters themselves (only activations' are wanted).
         """
         cot: dict[fx.Node, Any] = {}
 
@@ -411,14 +413,14 @@ class _Trace:
                 src, idx = node.args
                 if self.tangent[src] is not None:
                     add(src, cot[node], idx)
-                continue
-            if node not in self.ops:
-                continue
-            leaves = [self.ops[node].leaves[k] for k in self.ops[node].slots]
-            need = [to_params or leaf not in self.param_leaves for leaf in leaves]
-            for leaf, g in zip(leaves, self.pullback(node, cot[node], need), strict=True):
-                if g is not None:
-                    add(leaf, g)
+            elif node in self.ops:
+                leaves = [self.ops[node].leaves[k] for k in self.ops[node].slots]
+                need = [to_params or leaf not in self.param_leaves for leaf in leaves]
+                for leaf, g in zip(leaves, self.pullback(node, cot[node], need), strict=True):
+                    if g is not None:
+                        add(leaf, g)
+            if to_params:
+                del cot[node]  # pulled back: only the parameters' cotangents are returned
         return cot
 
     def _term(self, node_i: fx.Node, node_j: fx.Node, same_slot: bool) -> str:
