@@ -113,7 +113,7 @@ plain, unpruned layer).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -349,6 +349,7 @@ def make_eigendamage_scorer(
     group_reduction: str = "sum",
     seed: int = 0,
     progress: bool = False,
+    factor_fn: Callable[..., dict[nn.Module, KFACFactors]] = kfac_factors,
 ) -> Scorer:
     """A scorer for :func:`oba.prune_structured` on a model reparametrised by :func:`to_eigenbasis`.
 
@@ -362,6 +363,9 @@ def make_eigendamage_scorer(
         damping: added as in :mod:`oba.kfac` (each factor gets ``sqrt(damping) I``); EigenDamage uses none.
         normalizer, group_reduction: as in :class:`oba.structured.ParameterScoreImportance` (``None``: raw
             costs; module docstring for the default).
+        factor_fn: computes the K-FAC factors, called as :func:`oba.kfac.kfac_factors` (default);
+            :func:`oba.distributed.kfac_factors` all-reduces them over the processes of ``torch.distributed``,
+            so that every process rotates and prunes alike (:func:`oba.distributed.distributed_scorer`).
     """
 
     def scorer(model: nn.Module, batches: Sequence[Batch]) -> Any:
@@ -372,7 +376,7 @@ def make_eigendamage_scorer(
                 "EigenbasisLayer: call oba.eigendamage.to_eigenbasis(model) first, or use prune_eigendamage"
             )
         cores = [e.core for e in kfe]
-        factors = kfac_factors(model, loss_fn, batches, layers=cores, sampled=sampled, seed=seed, progress=progress)
+        factors = factor_fn(model, loss_fn, batches, layers=cores, sampled=sampled, seed=seed, progress=progress)
         diagonal = {}
         for e in kfe:
             a, s = e.rotate_(channel_input_factor(factors[e.core]), factors[e.core].S)

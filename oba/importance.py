@@ -27,7 +27,9 @@ tensor per parameter, shaped like it; :math:`\odot` is the element-wise product)
                     decomposition (:mod:`oba.decompose`): the published code's two-term criterion.
 ==================  ================================================================================
 
-Scores of data-dependent criteria are the mean of the per-batch scores over the batches. They are
+Scores of data-dependent criteria are the mean of the per-batch scores over the batches
+(:func:`score_sums` returns the sum and the number of batches, the part that adds up over disjoint shards of
+the batches: :mod:`oba.distributed` all-reduces it). They are
 *signed* where the formula is (Taylor, OBA, OBD with a Hessian diagonal of either sign): a structure's
 score is the sum of its parameters' signed scores, then the absolute value (:mod:`oba.structured`), so
 that contributions can cancel. ``absolute=True`` returns :math:`|s|` per parameter, the saliency used to
@@ -61,7 +63,7 @@ from oba.curvature import (
 )
 from oba.decompose import TERMS, HessianDecomposition
 
-__all__ = ["CRITERIA", "score"]
+__all__ = ["CRITERIA", "score", "score_sums"]
 
 CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "obd_fisher", "obd_hessian", "oba")
 
@@ -110,24 +112,49 @@ def score(
     Returns:
         dict name -> tensor shaped like the parameter (detached, the parameter's dtype and device).
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    unknown = set(options) - _OPTIONS[criterion]
-    if unknown:
-        allowed = ", ".join(sorted(_OPTIONS[criterion])) or "none"
-        raise TypeError(f"criterion {criterion!r} takes no option(s) {sorted(unknown)}; its options: {allowed}")
-    theta = select_params(model, params)
+    _check_options(criterion, options)
     if criterion == "magnitude":
         p = options.get("p", 1)
         if p not in (1, 2):
             raise ValueError(f"magnitude: p must be 1 or 2, got {p!r}")
-        return OrderedDict((n, t.abs() ** p) for n, t in theta.items())
+        return OrderedDict((n, t.abs() ** p) for n, t in select_params(model, params).items())
+    totals, count = score_sums(
+        model, loss_fn, batches, criterion, params=params, max_batches=max_batches, progress=progress, **options
+    )
+    if count == 0:
+        raise ValueError("batches is empty: no data to score with")
+    out = OrderedDict((n, t / count) for n, t in totals.items())
+    return OrderedDict((n, t.abs()) for n, t in out.items()) if absolute else out
 
+
+def score_sums(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batches: Iterable[Batch] | None,
+    criterion: str = "oba",
+    *,
+    params=None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[Params, int]:
+    r"""The sum over ``batches`` of the per-batch scores of a data-dependent criterion, and the number of batches.
+
+    :func:`score` is ``sums / count`` (then ``|.|`` with ``absolute=True``). The sum is what adds up over
+    disjoint shards of the batches: :math:`\sum_{b \in B_1 \cup B_2} s_b = \sum_{b \in B_1} s_b + \sum_{b \in
+    B_2} s_b`, so :mod:`oba.distributed` all-reduces sums and counts and divides afterwards. Empty ``batches``
+    give zeros and a count of 0 (no error). Arguments as for :func:`score`; ``magnitude`` needs no data and has
+    no sums.
+    """
+    _check_options(criterion, options)
+    if criterion == "magnitude":
+        raise ValueError("magnitude needs no data and has no per-batch sums: use score(..., 'magnitude')")
     if batches is None or loss_fn is None:
         raise ValueError(f"criterion {criterion!r} needs data: pass loss_fn and batches (an iterable of (x, y))")
+    theta = select_params(model, params)
     per_batch = _BATCH_SCORES[criterion]
     device = next(iter(theta.values())).device
-    totals: Params | None = None
+    totals: Params = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
     count = 0
     stream = itertools.islice(iter(batches), max_batches)
     total_batches = batch_count(batches, max_batches)
@@ -137,12 +164,18 @@ def score(
     for batch in tqdm(stream, total=total_batches, desc=f"score [{criterion}]", disable=not progress):
         batch = to_device(batch, device)  # a malformed batch is reported by the curvature functions
         s = per_batch(model, loss_fn, batch, theta, generator=generator, **options)
-        totals = s if totals is None else OrderedDict((n, totals[n] + s[n]) for n in totals)
+        totals = s if count == 0 else OrderedDict((n, totals[n] + s[n]) for n in totals)
         count += 1
-    if totals is None:
-        raise ValueError("batches is empty: no data to score with")
-    out = OrderedDict((n, t / count) for n, t in totals.items())
-    return OrderedDict((n, t.abs()) for n, t in out.items()) if absolute else out
+    return totals, count
+
+
+def _check_options(criterion: str, options: Mapping[str, Any]) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    unknown = set(options) - _OPTIONS[criterion]
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[criterion])) or "none"
+        raise TypeError(f"criterion {criterion!r} takes no option(s) {sorted(unknown)}; its options: {allowed}")
 
 
 # --------------------------------------------------------------------------------------------------

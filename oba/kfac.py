@@ -54,7 +54,15 @@ from oba.structured import _CONV_LINEAR_IN as _IN
 from oba.structured import _CONV_LINEAR_OUT as _OUT
 from oba.structured import Normalizer, ParameterScoreImportance
 
-__all__ = ["KFACFactors", "KronImportance", "kfac_factors", "kron_obd_cost", "kron_obs_cost"]
+__all__ = [
+    "KFACFactors",
+    "KFACSums",
+    "KronImportance",
+    "kfac_factor_sums",
+    "kfac_factors",
+    "kron_obd_cost",
+    "kron_obs_cost",
+]
 
 
 @dataclass
@@ -97,6 +105,32 @@ def _output_grads(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
+@dataclass
+class KFACSums:
+    r"""The sums behind the K-FAC factors, before the division by the counts (float64).
+
+    Per layer :math:`\sum_{n,t} a_{n,t} a_{n,t}^\top` (``A``) over ``rows[layer]`` rows and
+    :math:`\sum_n \sum_t g_{n,t} g_{n,t}^\top` (``S``) over ``samples`` samples. Sums and counts add up over
+    disjoint shards of the batches (:mod:`oba.distributed` all-reduces them); :meth:`factors` divides.
+    """
+
+    A: dict[nn.Module, Tensor]
+    S: dict[nn.Module, Tensor]
+    rows: dict[nn.Module, int]
+    samples: int
+
+    def factors(self) -> dict[nn.Module, KFACFactors]:
+        """``{layer: KFACFactors}``: ``A / rows``, ``S / samples``, in the layer's dtype."""
+        if self.samples == 0:
+            raise ValueError("batches is empty: no data to compute K-FAC factors with")
+        result = {}
+        for m in self.A:
+            dtype = m.weight.dtype
+            A, S = (self.A[m] / self.rows[m]).to(dtype), (self.S[m] / self.samples).to(dtype)
+            result[m] = KFACFactors(A, S, m.bias is not None, m.weight[0, 0].numel())
+        return result
+
+
 def kfac_factors(
     model: nn.Module,
     loss_fn: LossFn,
@@ -120,7 +154,29 @@ def kfac_factors(
         seed: seed of the label sampling.
 
     Returns:
-        ``{layer: KFACFactors}``, each factor the mean over all samples (see the module docstring).
+        ``{layer: KFACFactors}``, each factor the mean over all samples (see the module docstring):
+        :meth:`KFACSums.factors` of :func:`kfac_factor_sums`.
+    """
+    sums = kfac_factor_sums(
+        model, loss_fn, batches, layers=layers, sampled=sampled, max_batches=max_batches, seed=seed, progress=progress
+    )
+    return sums.factors()
+
+
+def kfac_factor_sums(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    layers: Sequence[nn.Module] | None = None,
+    sampled: bool = False,
+    max_batches: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> KFACSums:
+    """The un-normalised K-FAC sums and their counts over ``batches`` (arguments as for :func:`kfac_factors`).
+
+    Empty ``batches`` give zero sums and zero counts (no error; :meth:`KFACSums.factors` raises then).
     """
     layers = [m for m in model.modules() if _supported(m)] if layers is None else list(layers)
     for m in layers:
@@ -128,8 +184,12 @@ def kfac_factors(
             raise TypeError(f"K-FAC factors need nn.Linear or ungrouped nn.Conv2d layers, got {type(m).__name__}")
     if not layers:
         raise ValueError("the model has no nn.Linear / nn.Conv2d layer to compute K-FAC factors for")
-    sums_a = {m: None for m in layers}
-    sums_s = {m: None for m in layers}
+
+    def zeros(n: int, m: nn.Module) -> Tensor:
+        return torch.zeros(n, n, dtype=torch.float64, device=m.weight.device)
+
+    sums_a = {m: zeros(m.weight[0].numel() + int(m.bias is not None), m) for m in layers}
+    sums_s = {m: zeros(m.weight.shape[0], m) for m in layers}
     rows_a = dict.fromkeys(layers, 0)
     inputs: dict[nn.Module, Tensor] = {}
     outputs: dict[nn.Module, Tensor] = {}
@@ -162,9 +222,8 @@ def kfac_factors(
                 for m in layers:
                     a = _patches(m, inputs[m])
                     g = _output_grads(m, outputs[m].grad).flatten(0, 1)  # [B * T, C_out]
-                    aa, gg = (a.T @ a).double(), (g.T @ g).double()  # summed in float64 across batches
-                    sums_a[m] = aa if sums_a[m] is None else sums_a[m] + aa
-                    sums_s[m] = gg if sums_s[m] is None else sums_s[m] + gg
+                    sums_a[m] += (a.T @ a).double()  # summed in float64 across batches
+                    sums_s[m] += (g.T @ g).double()
                     rows_a[m] += a.shape[0]
                 samples += n
                 inputs.clear()
@@ -172,16 +231,7 @@ def kfac_factors(
     finally:
         for h in handles:
             h.remove()
-    if samples == 0:
-        raise ValueError("batches is empty: no data to compute K-FAC factors with")
-    result = {}
-    for m in layers:
-        dtype = m.weight.dtype
-        k = m.weight[0, 0].numel()
-        result[m] = KFACFactors(
-            (sums_a[m] / rows_a[m]).to(dtype), (sums_s[m] / samples).to(dtype), m.bias is not None, k
-        )
-    return result
+    return KFACSums(sums_a, sums_s, rows_a, samples)
 
 
 def _damped(f: KFACFactors, damping: float) -> tuple[Tensor, Tensor]:

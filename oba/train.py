@@ -8,6 +8,11 @@
 * :func:`recalibrate_batchnorm` -- recompute batch-norm running statistics (e.g. after pruning).
 
 Loaders yield ``(inputs, targets)`` batches (extra items are ignored), as those of :func:`oba.data.loader`.
+
+Multi-process runs (``torchrun``, :mod:`oba.distributed`): when a :mod:`torch.distributed` process group is
+initialised, :func:`fine_tune` trains a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper of the model
+(feed it :func:`oba.distributed.distributed_loader`), reports global metrics, and only rank 0 writes the log and
+checkpoints; :func:`evaluate` all-reduces its sums. Without a process group nothing changes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba import distributed as D
 from oba.batches import batch_count, to_device
 from oba.models.checkpoints import state_dict_mismatches
 
@@ -112,6 +118,7 @@ def evaluate(
     progress: bool = True,
     max_batches: int | None = None,
     desc: str = "eval",
+    distributed: bool | None = None,
 ) -> dict[str, float | int]:
     """Accuracy and mean loss of a classifier over ``loader``.
 
@@ -121,14 +128,19 @@ def evaluate(
     Args:
         loss_fn: ``loss_fn(logits, targets)`` returning the *mean* loss of a batch; default cross-entropy.
         device: where to run; default the model's device (given, the model is moved there).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on rank 0 only under ``torch.distributed``).
         max_batches: stop after that many batches.
+        distributed: all-reduce the sums (loss, correct, samples) over the processes, so that every process
+            returns the metrics of the union of their loaders (give each its own part of the data, e.g.
+            ``oba.distributed.distributed_loader(test_set, even=False)``); every process must call it then.
+            Default: when a process group with several processes is initialised.
 
     Returns:
         ``{"accuracy": fraction in [0, 1], "loss": mean loss per sample, "correct": int, "num_samples": int}``
         (accuracy and loss are NaN for an empty loader).
     """
     device = _prepare(model, device)
+    distributed = D.is_distributed() if distributed is None else distributed
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -139,7 +151,7 @@ def evaluate(
             _batches(loader, max_batches),
             total=batch_count(loader, max_batches),
             desc=desc,
-            disable=not progress,
+            disable=not progress or not D.is_main_process(),
             leave=False,
         )
         for batch in bar:
@@ -150,10 +162,18 @@ def evaluate(
             total_loss += loss_fn(logits, targets).double() * bs
             correct += (logits.argmax(dim=1) == targets).sum()
             n += bs
+    if distributed:
+        total_loss, correct, n = _global_sums(total_loss, correct, n)
     if n == 0:
         return {"accuracy": math.nan, "loss": math.nan, "correct": 0, "num_samples": 0}
     c = int(correct)
     return {"accuracy": c / n, "loss": float(total_loss) / n, "correct": c, "num_samples": n}
+
+
+def _global_sums(total_loss: Tensor, correct: Tensor, n: int) -> tuple[float, int, int]:
+    """``(loss sum, correct, samples)`` summed over all processes (one all-reduce)."""
+    loss, c, count = D.all_reduce_sum([total_loss.double(), correct.double(), torch.tensor(float(n))])
+    return float(loss), int(c), int(count)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,6 +379,7 @@ def fine_tune(
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int | None = None,
+    distributed: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``epochs`` epochs of SGD; resumable. Returns the per-epoch metrics.
 
@@ -382,11 +403,27 @@ def fine_tune(
     partial last line or epochs logged after the checkpoint disappear). ``epochs`` may be raised to extend
     a finished run; the other hyper-parameters must match. Without resumption the log is started afresh.
 
+    Under ``torch.distributed`` (``distributed=True``; default: when a process group with several processes is
+    initialised; every process calls ``fine_tune`` with the same arguments):
+
+    * the model is trained through :class:`~torch.nn.parallel.DistributedDataParallel` (parameters and
+      buffers broadcast from rank 0 at the start, gradients averaged over processes); give each process its
+      part of the data with :func:`oba.distributed.distributed_loader` -- ``loader.sampler.set_epoch(epoch)`` is
+      called at every epoch (for any loader whose sampler has it, also without a process group);
+    * after every epoch the buffers (BatchNorm statistics) are copied from rank 0, so every process ends the
+      epoch with the same state; the metrics are summed over the processes (``train_num_samples`` and
+      ``eval_num_samples`` are global; :func:`evaluate` runs on every process);
+    * only rank 0 writes the log and the checkpoint (atomically), which holds every process's RNG states;
+      the others wait at a barrier. Every process reads the checkpoint on resumption (a filesystem shared by
+      the processes), each restoring its own RNG states (with another number of processes: rank 0's, with a
+      warning); all processes must agree on the epoch to resume from.
+
     Args:
-        seed: when starting afresh, ``torch.manual_seed(seed)`` (plus numpy and python) first; ignored on
-            resumption.
+        seed: when starting afresh, ``torch.manual_seed(seed)`` (plus numpy and python) first, ``seed + rank``
+            under ``torch.distributed``; ignored on resumption.
         device: where to train (the model is moved there); default the model's device.
         loss_fn: ``loss_fn(logits, targets)`` returning the mean loss of a batch; default cross-entropy.
+        distributed: train with DDP over the process group (see above).
 
     Raises:
         CheckpointMismatchError: the checkpoint holds a different model's weights.
@@ -394,6 +431,8 @@ def fine_tune(
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    distributed = D.is_distributed() if distributed is None else distributed
+    main = D.is_main_process() or not distributed  # writes files and prints
     device = _prepare(model, device)
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -430,22 +469,36 @@ def fine_tune(
         sched_state = dict(ckpt["scheduler"])
         sched_state["milestones"] = Counter({int(k): int(v) for k, v in sched_state["milestones"].items()})
         scheduler.load_state_dict(sched_state)
-        _set_rng_state(ckpt["rng"], loaders)
+        _set_rng_state(_own_rng_state(ckpt, distributed), loaders)
         history = list(ckpt["history"])
-        if log is not None:
+        if log is not None and main:
             _rewrite_log(log, history)
     else:
         if seed is not None:
+            seed = seed + (D.get_rank() if distributed else 0)
             torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
             random.seed(seed)
-        if log is not None:
+        if log is not None and main:
             _rewrite_log(log, [])
+    net: nn.Module = model
+    if distributed:
+        if not D.same_on_all_ranks([start]):
+            raise RuntimeError(
+                f"the processes disagree on the epoch to resume from (this one: {start}): the checkpoint "
+                f"{ckpt_path} must be visible to every process (a shared filesystem), or pass resume=False"
+            )
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     with _modes_restored(model):
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             epoch_lr = optimizer.param_groups[0]["lr"]
+            for ld in loaders:  # DistributedSampler: a new shuffle every epoch, reproducible on resumption
+                if callable(getattr(getattr(ld, "sampler", None), "set_epoch", None)):
+                    ld.sampler.set_epoch(epoch)
             model.train()
             total_loss = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -456,14 +509,14 @@ def fine_tune(
                 iter(train_loader),
                 total=batch_count(train_loader, None),
                 desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not progress,
+                disable=not progress or not main,
                 leave=False,
             )
             for batch in bar:
                 inputs, targets = _unpack(batch)
                 inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(inputs)
+                logits = net(inputs)
                 loss = loss_fn(logits, targets)
                 loss.backward()
                 optimizer.step()
@@ -472,6 +525,9 @@ def fine_tune(
                 correct += (logits.detach().argmax(dim=1) == targets).sum()
                 n += bs
             scheduler.step()
+            if distributed:
+                D.broadcast_buffers(model)  # DDP leaves each process with its own last BatchNorm statistics
+                total_loss, correct, n = _global_sums(total_loss, correct, n)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "lr": float(epoch_lr),
@@ -480,7 +536,9 @@ def fine_tune(
                 "train_num_samples": n,
             }
             if eval_loader is not None:
-                metrics = evaluate(model, eval_loader, loss_fn=loss_fn, device=device, progress=progress)
+                metrics = evaluate(
+                    model, eval_loader, loss_fn=loss_fn, device=device, progress=progress, distributed=distributed
+                )
                 model.train()
                 record.update(
                     eval_loss=metrics["loss"],
@@ -490,20 +548,43 @@ def fine_tune(
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if ckpt_path is not None:
-                ckpt = {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": _plain_scheduler_state(scheduler.state_dict()),
-                    "config": config,
-                    "history": history,
-                    "rng": _rng_state(loaders),
-                }
-                _atomic_write(ckpt_path, lambda f, obj=ckpt: torch.save(obj, f))
-            if log is not None:
+                rng = D.gather_objects(_rng_state(loaders)) if distributed else [_rng_state(loaders)]
+                if main:
+                    ckpt = {
+                        "format": CHECKPOINT_FORMAT,
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": _plain_scheduler_state(scheduler.state_dict()),
+                        "config": config,
+                        "history": history,
+                        "rng": rng[0],
+                    }
+                    if distributed:
+                        ckpt["rng_per_rank"] = rng
+                    _atomic_write(ckpt_path, lambda f, obj=ckpt: torch.save(obj, f))
+            if log is not None and main:
                 _append_log(log, record)
-            if progress:
+            if progress and main:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
                 tqdm.write(json.dumps(shown))
+            if distributed:
+                D.barrier()  # the checkpoint is complete before any process goes on (or returns)
     return history
+
+
+def _own_rng_state(ckpt: Mapping[str, Any], distributed: bool) -> Mapping[str, Any]:
+    """This process's RNG states from a checkpoint: its rank's when the checkpoint has one per process of this
+    group, else rank 0's (``"rng"``; a warning under ``torch.distributed``, the data order may differ)."""
+    per_rank = ckpt.get("rng_per_rank")
+    if not distributed:
+        return ckpt["rng"]
+    if per_rank is not None and len(per_rank) == D.get_world_size():
+        return per_rank[D.get_rank()]
+    warnings.warn(
+        f"the checkpoint holds RNG states of {len(per_rank) if per_rank else 1} process(es), this run has "
+        f"{D.get_world_size()}: every process resumes from rank 0's, so the resumed run may differ from an "
+        "uninterrupted one",
+        stacklevel=3,
+    )
+    return ckpt["rng"]
