@@ -175,10 +175,21 @@ class _BatchStream:
 
 # ------------------------------------------------------------------------------------------ layers
 def default_ignored_layers(model: nn.Module) -> list[nn.Module]:
-    """``model.pruning_ignored_layers()`` if the model defines it, else the last ``nn.Linear`` (the classifier)."""
+    """``model.pruning_ignored_layers()`` if the model defines it; for a torchvision ``VisionTransformer``
+    :func:`oba.models.torchvision_models.vit_pruning_ignored_layers` (patch embedding, classifier and the layers
+    writing into the residual stream: only heads and MLP hidden units prune); else the last ``nn.Linear`` (the
+    classifier)."""
     own = getattr(model, "pruning_ignored_layers", None)
     if callable(own):
         return list(own())
+    # torchvision ViT (oba.models.torchvision_models) ------------------------------------------------
+    import torchvision
+
+    if isinstance(model, torchvision.models.VisionTransformer):
+        from oba.models.torchvision_models import vit_pruning_ignored_layers
+
+        return vit_pruning_ignored_layers(model)
+    # -------------------------------------------------------------------------------------------------
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1:]
 
