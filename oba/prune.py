@@ -25,8 +25,10 @@ device (the literature's "FLOPs"; element-wise work not counted).
 
 Ignored layers (their output channels are never pruned): by default the model's own
 ``pruning_ignored_layers()`` when it defines one (the CIFAR ResNets: residual streams and classifier, see
-:meth:`oba.models.cifar_resnet.CifarResNet.pruning_ignored_layers`), else the last ``nn.Linear`` (the
-classifier).
+:meth:`oba.models.cifar_resnet.CifarResNet.pruning_ignored_layers`); for torchvision's ``VisionTransformer``
+the patch embedding, the classifier and every layer writing into the residual stream (attention output
+projection, second MLP layer), so that whole heads and MLP hidden units prune
+(:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`); else the last ``nn.Linear`` (the classifier).
 
 Saving: :func:`save_pruned` writes a registry name, its arguments, every layer's width and the
 ``state_dict`` -- tensors and plain containers only, so :func:`load_pruned` reads it with

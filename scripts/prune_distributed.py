@@ -54,10 +54,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data",
         choices=["auto", "real", "synthetic"],
         default="auto",
-        help="the model's dataset (CIFAR-10/100 from $OBA_DATA_DIR), synthetic images of its input shape, "
-        "or auto: the real data when present, else synthetic",
+        help="the model's dataset (CIFAR-10/100 from $OBA_DATA_DIR; ImageNet models: --dataset-root or Imagenette), "
+        "synthetic images of its input shape, or auto: the real data when present, else synthetic",
     )
     p.add_argument("--synthetic-samples", type=int, default=2048, help="training images of the synthetic data")
+    p.add_argument(
+        "--dataset-root",
+        type=Path,
+        default=None,
+        help="ImageNet models: an ImageNet folder with train/<wnid>/ and val/<wnid>/ (reference transforms); without "
+        "it the Imagenette validation images of $OBA_DATA_DIR, half for scoring/training and half for evaluation",
+    )
+    p.add_argument("--trivial-augment", action="store_true", help="ImageNet training: add TrivialAugmentWide")
     p.add_argument(
         "--criterion",
         choices=STRUCTURED_CRITERIA,
@@ -78,6 +86,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-mode", choices=["train", "eval"], default="train", help="BatchNorm mode while scoring")
     p.add_argument("--fine-tune-epochs", type=int, default=0, help="DDP fine-tuning epochs after pruning (0: none)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help="epochs where the fine-tuning lr drops 10x (default: half way; ImageNet paper recipe: 30 60 80)",
+    )
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="fine-tuning weight decay")
     p.add_argument("--ft-batch-size", type=int, default=128, help="fine-tuning batch size PER PROCESS")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images (all: None)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the loaders (same on every rank)")
@@ -96,7 +112,13 @@ def datasets(args: argparse.Namespace, num_classes: int) -> tuple[Dataset, Datas
     spec = oba.models.get_spec(args.model)
     norm = (spec.mean, spec.std)
     real = {"cifar10": oba.data.cifar10, "cifar100": oba.data.cifar100}.get(spec.dataset)
-    if args.data != "synthetic" and real is not None:
+    if args.data != "synthetic" and spec.dataset == "imagenet":
+        try:
+            return imagenet_datasets(args)
+        except oba.data.DatasetNotFoundError:
+            if args.data == "real":
+                raise
+    elif args.data != "synthetic" and real is not None:
         try:
             train = real("train", normalize=norm, progress=False)
             aug = real("train", normalize=norm, augment=True, progress=False)
@@ -111,6 +133,20 @@ def datasets(args: argparse.Namespace, num_classes: int) -> tuple[Dataset, Datas
     train = make(n, shape, num_classes, seed=args.seed, normalize=norm)
     aug = make(n, shape, num_classes, seed=args.seed, normalize=norm, augment=True)
     return train, aug, make(max(n // 4, 1), shape, num_classes, seed=args.seed + 1, normalize=norm)
+
+
+def imagenet_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset]:
+    """ImageNet train (plain and augmented) and val of ``--dataset-root``; else Imagenette val split in halves
+    (ImageNet-1k labels; the same images in both training sets, evaluated on the other half)."""
+    if args.dataset_root is not None:
+        train = oba.data.imagenet_folder(args.dataset_root, "train", train=False)
+        aug = oba.data.imagenet_folder(args.dataset_root, "train", trivial_augment=args.trivial_augment)
+        return train, aug, oba.data.imagenet_folder(args.dataset_root, "val")
+    val = oba.data.imagenette_val(labels="imagenet")
+    order = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    half = len(order) // 2
+    train = oba.data.subset(val, indices=sorted(order[half:]))
+    return train, train, oba.data.subset(val, indices=sorted(order[:half]))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -156,10 +192,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "widths": history[-1]["widths"],
     }
     if args.fine_tune_epochs > 0:
-        milestones = [args.fine_tune_epochs // 2] if args.fine_tune_epochs > 1 else []
+        milestones = args.milestones
+        if milestones is None:
+            milestones = [args.fine_tune_epochs // 2] if args.fine_tune_epochs > 1 else []
         train_loader = D.distributed_loader(train_aug, batch_size=args.ft_batch_size, shuffle=True, seed=args.seed)
         records = fine_tune(
             model, train_loader, epochs=args.fine_tune_epochs, lr=args.lr, milestones=milestones,
+            weight_decay=args.weight_decay,
             eval_loader=test_loader, log_path=args.out / "fine_tune.jsonl", checkpoint_path=args.out / "checkpoint.pt",
             device=device, progress=args.progress, seed=args.seed,
         )  # fmt: skip
