@@ -80,7 +80,7 @@ from oba import importance, kfac
 from oba.curvature import Batch, LossFn, Params
 from oba.data.datasets import SeededIndex
 from oba.prune import Scorer, layer_widths, make_scorer
-from oba.structured import Normalizer, ParameterScoreImportance
+from oba.structured import Normalizer
 
 __all__ = [
     "DistributedSeededSampler",
@@ -423,38 +423,11 @@ def distributed_scorer(
         shard, check: as for :func:`score`.
         normalizer, group_reduction, progress, options: as for :func:`oba.prune.make_scorer`.
     """
-    if criterion == "eigendamage":  # the scorer rotates the model: it takes the (all-reduced) factors to use
-        from oba.eigendamage import make_eigendamage_scorer
-
-        if loss_fn is None:
-            raise ValueError("criterion 'eigendamage' needs a loss_fn")
-
-        factor_fn = functools.partial(kfac_factors, shard=shard, check=check)
-        return make_eigendamage_scorer(
-            loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress, factor_fn=factor_fn,
-            **options,
-        )  # fmt: skip
-    local = make_scorer(
-        criterion, loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress, **options
-    )
-
-    def scorer(model: nn.Module, batches: Sequence[Batch]) -> Callable[[Any], Tensor | None]:
-        if not is_distributed() or criterion == "magnitude":
-            return local(model, batches)
-        if criterion in ("kron_obd", "kron_obs"):
-            factors = kfac_factors(
-                model, loss_fn, batches, sampled=options.get("sampled", False), progress=progress, shard=shard,
-                check=check,
-            )  # fmt: skip
-            return kfac.KronImportance(
-                model, factors, criterion.removeprefix("kron_"), damping=options.get("damping", 1e-3),
-                group_reduction=group_reduction, normalizer=normalizer,
-            )  # fmt: skip
-        scores = score(model, loss_fn, batches, criterion, progress=progress, shard=shard, check=check, **options)
-        return ParameterScoreImportance(model, scores, group_reduction=group_reduction, normalizer=normalizer)
-
-    scorer.criterion = criterion  # type: ignore[attr-defined]
-    return scorer
+    return make_scorer(
+        criterion, loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress,
+        score_fn=functools.partial(score, shard=shard, check=check),
+        factor_fn=functools.partial(kfac_factors, shard=shard, check=check), **options,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ data for DDP

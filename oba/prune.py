@@ -98,6 +98,8 @@ def make_scorer(
     normalizer: Normalizer = "mean",
     group_reduction: str = "sum",
     progress: bool = False,
+    score_fn: Callable[..., Any] = score,
+    factor_fn: Callable[..., Any] = kfac_factors,
     **options: Any,
 ) -> Scorer:
     """A scorer for a named criterion: per-parameter scores (:func:`oba.score`) or K-FAC costs.
@@ -110,6 +112,9 @@ def make_scorer(
             criterion, ``fisher="per_batch"``), or for the K-FAC criteria ``damping`` (default 1e-3) and
             ``sampled`` (labels sampled from the model, default False); ``"eigendamage"`` takes those of
             :func:`oba.eigendamage.make_eigendamage_scorer` (``sampled=True``, ``damping=0`` by default).
+        score_fn, factor_fn: compute the per-parameter scores and the K-FAC factors, called as :func:`oba.score`
+            and :func:`oba.kfac.kfac_factors` (the defaults); :func:`oba.distributed.distributed_scorer` passes
+            their all-reducing versions.
     """
     if criterion not in STRUCTURED_CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(STRUCTURED_CRITERIA)}")
@@ -119,18 +124,19 @@ def make_scorer(
         from oba.eigendamage import make_eigendamage_scorer
 
         return make_eigendamage_scorer(
-            loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress, **options
-        )
+            loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress, factor_fn=factor_fn,
+            **options,
+        )  # fmt: skip
 
     def scorer(model: nn.Module, batches: Sequence[Batch]) -> Callable[[Any], Tensor | None]:
         if criterion in ("kron_obd", "kron_obs"):
             damping = options.get("damping", 1e-3)
-            factors = kfac_factors(model, loss_fn, batches, sampled=options.get("sampled", False), progress=progress)
+            factors = factor_fn(model, loss_fn, batches, sampled=options.get("sampled", False), progress=progress)
             kind = criterion.removeprefix("kron_")
             return KronImportance(
                 model, factors, kind, damping=damping, group_reduction=group_reduction, normalizer=normalizer
             )
-        scores = score(model, loss_fn, batches, criterion, progress=progress, **options)
+        scores = score_fn(model, loss_fn, batches, criterion, progress=progress, **options)
         return ParameterScoreImportance(model, scores, group_reduction=group_reduction, normalizer=normalizer)
 
     scorer.criterion = criterion  # type: ignore[attr-defined]
