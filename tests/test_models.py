@@ -440,7 +440,9 @@ def test_registry_entries_are_consistent():
         models.REGISTRY["x"] = None  # read-only
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet32_4x", "vgg19_bn_cifar100", "resnet32_4x_cifar100", "vit_cifar", "mlpnet"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", "resnet32_4x", "vgg19_bn_cifar100", "resnet32_4x_cifar100", "vit_cifar", "mlpnet"]
+)
 def test_create_builds_models_of_the_registered_shape(name):
     spec = models.get_spec(name)
     with torch.device("meta"):
