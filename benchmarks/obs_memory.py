@@ -23,7 +23,13 @@ import torch.nn.functional as F
 import oba.data
 import oba.models
 from oba.cbs import SwapSearch, cbs_update, rmp_start
-from oba.obs import block_fishers, linear_gradient_factors, make_blocks, woodfisher_scores, woodfisher_update
+from oba.empirical_fisher import (
+    block_fishers,
+    linear_gradient_factors,
+    make_blocks,
+    woodfisher_scores,
+    woodfisher_update,
+)
 from oba.unstructured import masked_loss
 
 

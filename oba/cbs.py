@@ -1,7 +1,8 @@
 r"""The Combinatorial Brain Surgeon (Yu et al., ICML 2022): choose the pruned set jointly, then update.
 
 Weights are one flat vector :math:`\theta \in \mathbb{R}^d` split into Fisher blocks
-(:class:`oba.obs.Block`, each with its :class:`oba.obs.EmpiricalFisher` :math:`F`; F is block-diagonal).
+(:class:`oba.empirical_fisher.Block`, each with its :class:`oba.empirical_fisher.EmpiricalFisher` :math:`F`;
+F is block-diagonal).
 
 **Selection (CBS-S).** Without a weight update, pruning the set P (``|P| = k``) costs, to second order,
 
@@ -28,7 +29,7 @@ which is *not* the sum of single costs :math:`\theta_q^2F_{qq}`: weights whose c
 3. picks, among the start and the set after each sweep, the one with the lowest real training loss.
 
 **Update (CBS-U).** The exact multi-weight OBS update for the chosen set, per block
-(:func:`oba.obs.obs_update`).
+(:func:`oba.empirical_fisher.obs_update`).
 
 Everything is deterministic given ``seed``; the test set is never touched here (the caller's ``real_loss``
 should evaluate on training data).
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from oba.obs import Block, EmpiricalFisher, obs_update
+from oba.empirical_fisher import Block, EmpiricalFisher, obs_update
 
 __all__ = ["CBSResult", "SwapSearch", "cbs_select", "cbs_update", "rmp_start"]
 
@@ -303,7 +304,7 @@ def cbs_update(
     """CBS-U: the exact multi-weight OBS update of every block for the set ``pruned`` (boolean ``[d]``).
 
     Returns the new flat weights ``theta + δθ`` (pruned ones exactly 0). ``kwargs`` go to
-    :func:`oba.obs.obs_update` (``form``, ``max_dense``).
+    :func:`oba.empirical_fisher.obs_update` (``form``, ``max_dense``).
     """
     theta = theta.detach().reshape(-1)
     out = theta.clone().to(fishers[0].dtype)

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from oba.normalization import closed_form_batch_norm
+from oba.standardization import closed_form_batch_norm
 
 __all__ = [
     "Batch",
@@ -253,7 +253,7 @@ def hvp(
     * ``method="fwd_rev"`` (default): forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``;
     * ``method="rev_rev"``: reverse-over-reverse, ``torch.autograd.grad`` of
       :math:`\langle \nabla_\theta L, v\rangle` (double backward; often faster on CPU). Train-mode
-      BatchNorm runs as :class:`oba.normalization.BatchNormTrain` here: the same values and gradient, and a
+      BatchNorm runs as :class:`oba.standardization.BatchNormTrain` here: the same values and gradient, and a
       closed-form second derivative (PyTorch's generic one cost about a third of the whole HVP on a ResNet).
 
     Both are verified against finite differences, also for LayerNorm and train-mode BatchNorm.

@@ -34,7 +34,7 @@ the product rule with the tangents, e.g. :math:`G_S\,dK` for :math:`S = QK^\top`
 Jacobian :math:`\mathrm{diag}(s) - ss^\top` applied row by row; no :math:`n^3` tensor is formed). Hot ops have
 closed forms instead of the generic op-level transforms: convolutions use the fused backward kernel for their
 sources and pullbacks (computing only the operand gradients needed; the first backward skips the parameters'),
-train-mode BatchNorm and LayerNorm the formulas of :mod:`oba.normalization` for their sources (BatchNorm also
+train-mode BatchNorm and LayerNorm the formulas of :mod:`oba.standardization` for their sources (BatchNorm also
 for its tangent, and its fused backward kernel for its pullback). Sources on
 parameters are the *downward* part; sources on activations are pulled back to the parameters by ONE
 first-order backward pass per term (the *upward* part), re-using the cached pullbacks. :math:`T_1 v` is the
@@ -61,7 +61,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from oba.curvature import Batch, LossFn, Params, check_vector, curvature_context, select_params, split_batch
-from oba.normalization import batch_norm_layout, project, standardization_hvp
+from oba.standardization import batch_norm_layout, project, standardization_hvp
 
 __all__ = ["TERMS", "HessianDecomposition", "decomposed_hvp", "term_hvp", "hessian_block_structure"]
 
@@ -188,7 +188,7 @@ def _batch_norm_jvp(trace: _Trace, op: _Op) -> tuple[Any, Any] | None:
     r"""Value and tangent of train-mode ``native_batch_norm`` -> ``(y, mean, inv_std)`` in closed form:
     :math:`\mathrm{d}y = \gamma r P\mathrm{d}x + \mathrm{d}\gamma\,\hat x + \mathrm{d}\beta` (shape of x),
     :math:`\mathrm{d}\mu = \langle\mathrm{d}x\rangle`, :math:`\mathrm{d}r = -r^2\langle\hat x\,\mathrm{d}x\rangle`
-    (``[C]``), with :math:`r = \sigma^{-1}` and :math:`P` of :mod:`oba.normalization`. ``None`` (use the generic
+    (``[C]``), with :math:`r = \sigma^{-1}` and :math:`P` of :mod:`oba.standardization`. ``None`` (use the generic
     JVP) for eval mode or tangents on other arguments."""
     operands = _first_three_operands(op, [True] * len(op.slots))
     if not _batch_norm_is_train(op) or operands is None:
@@ -220,7 +220,7 @@ _FAST_JVPS = {aten.native_batch_norm.default: _batch_norm_jvp}
 
 @dataclass
 class _Standardization:
-    r"""Where a train-mode BatchNorm or a LayerNorm node standardises (see :mod:`oba.normalization`).
+    r"""Where a train-mode BatchNorm or a LayerNorm node standardises (see :mod:`oba.standardization`).
 
     ``xhat`` (shape of x), ``inv_std`` (:math:`\sigma^{-1}`, broadcastable to x), ``dims`` (the reduced
     dims), ``weight_view`` (the shape that makes a weight-shaped tensor broadcast against x: ``[1, C, 1, 1]``
@@ -515,7 +515,7 @@ class _Trace:
         nonlinear: bool = True,
     ) -> None:
         r"""Closed-form sources of :math:`y = \gamma\odot\hat x(x) + \beta` (train-mode BatchNorm, LayerNorm)
-        for output gradient :math:`G` (shape of x), :math:`\tilde G = \gamma\odot G`; see :mod:`oba.normalization`:
+        for output gradient :math:`G` (shape of x), :math:`\tilde G = \gamma\odot G`; see :mod:`oba.standardization`:
 
         * nonlinear, on x: :math:`\partial^2_{xx}\langle\tilde G,\hat x\rangle\,\mathrm{d}x
           = -\sigma^{-2}[\langle\mathrm{d}x\,P\tilde G\rangle\hat x + \langle\tilde G\hat x\rangle P\mathrm{d}x

@@ -79,8 +79,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from oba import importance, kfac
 from oba.curvature import Batch, LossFn, Params
 from oba.data.datasets import SeededIndex
+from oba.group_importance import Normalizer
 from oba.prune import Scorer, layer_widths, make_scorer
-from oba.structured import Normalizer
 
 __all__ = [
     "DistributedSeededSampler",

@@ -120,9 +120,9 @@ import torch
 from torch import Tensor, nn
 
 from oba.curvature import Batch, LossFn
+from oba.group_importance import Normalizer
 from oba.kfac import KFACFactors, KronImportance, kfac_factors
 from oba.prune import Scorer, prune_structured
-from oba.structured import Normalizer
 
 __all__ = [
     "EigenbasisLayer",
@@ -361,7 +361,7 @@ def make_eigendamage_scorer(
 
     Args:
         damping: added as in :mod:`oba.kfac` (each factor gets ``sqrt(damping) I``); EigenDamage uses none.
-        normalizer, group_reduction: as in :class:`oba.structured.ParameterScoreImportance` (``None``: raw
+        normalizer, group_reduction: as in :class:`oba.group_importance.ParameterScoreImportance` (``None``: raw
             costs; module docstring for the default).
         factor_fn: computes the K-FAC factors, called as :func:`oba.kfac.kfac_factors` (default);
             :func:`oba.distributed.kfac_factors` all-reduces them over the processes of ``torch.distributed``,

@@ -31,7 +31,7 @@ Scores of data-dependent criteria are the mean of the per-batch scores over the 
 (:func:`score_sums` returns the sum and the number of batches, the part that adds up over disjoint shards of
 the batches: :mod:`oba.distributed` all-reduces it). They are
 *signed* where the formula is (Taylor, OBA, OBD with a Hessian diagonal of either sign): a structure's
-score is the sum of its parameters' signed scores, then the absolute value (:mod:`oba.structured`), so
+score is the sum of its parameters' signed scores, then the absolute value (:mod:`oba.group_importance`), so
 that contributions can cancel. ``absolute=True`` returns :math:`|s|` per parameter, the saliency used to
 rank single weights.
 

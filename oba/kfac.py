@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 
 from oba.batches import batch_count, to_device
 from oba.curvature import Batch, LossFn, curvature_context, split_batch
-from oba.structured import _CONV_LINEAR_IN as _IN
-from oba.structured import _CONV_LINEAR_OUT as _OUT
-from oba.structured import Normalizer, ParameterScoreImportance
+from oba.group_importance import _CONV_LINEAR_IN as _IN
+from oba.group_importance import _CONV_LINEAR_OUT as _OUT
+from oba.group_importance import Normalizer, ParameterScoreImportance
 
 __all__ = [
     "KFACFactors",
@@ -292,7 +292,7 @@ class KronImportance(ParameterScoreImportance):
 
     Each conv/linear dependency of the group contributes the cost of removing its rows (out-channel
     pruning) or input channels (in-channel pruning); the group's channel importance is their sum (or the
-    other ``group_reduction`` s of :class:`oba.structured.ParameterScoreImportance`), then normalised. Layers
+    other ``group_reduction`` s of :class:`oba.group_importance.ParameterScoreImportance`), then normalised. Layers
     without factors (BatchNorm, ...) contribute nothing.
 
     Args:

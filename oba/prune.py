@@ -53,9 +53,9 @@ from tqdm.auto import tqdm
 
 from oba.curvature import Batch, LossFn
 from oba.flops import count_flops, count_params, macs_by_module
+from oba.group_importance import Normalizer, ParameterScoreImportance
 from oba.importance import CRITERIA, score
 from oba.kfac import KronImportance, kfac_factors
-from oba.structured import Normalizer, ParameterScoreImportance
 
 __all__ = [
     "PRUNED_FORMAT",
@@ -107,7 +107,8 @@ def make_scorer(
     Args:
         criterion: one of :data:`STRUCTURED_CRITERIA`.
         loss_fn: the mean batch loss (not needed by ``magnitude``).
-        normalizer, group_reduction: how channel scores are formed (:class:`oba.structured.ParameterScoreImportance`).
+        normalizer, group_reduction: how channel scores are formed
+            (:class:`oba.group_importance.ParameterScoreImportance`).
         options: passed to :func:`oba.score` (e.g. ``terms=("series", "parallel")`` for the published OBA
             criterion, ``fisher="per_batch"``), or for the K-FAC criteria ``damping`` (default 1e-3) and
             ``sampled`` (labels sampled from the model, default False); ``"eigendamage"`` takes those of

@@ -16,7 +16,7 @@ Criteria (:data:`CRITERIA`; a larger score means more important, the lowest-scor
 ``magnitude``, ``taylor``, ``obd_fisher``, ``obd_hessian`` and ``oba`` are :func:`oba.score` with
 ``absolute=True``; ``oba_published`` is the published OBA code's unstructured score, per layer
 :math:`|s|/\max|s| + |\theta|` with :math:`s` the two-term (series + parallel) OBA score;
-``woodfisher`` is :math:`\theta_q^2/(2[F_\lambda^{-1}]_{qq})` (:mod:`oba.obs`). CBS chooses the set jointly
+``woodfisher`` is :math:`\theta_q^2/(2[F_\lambda^{-1}]_{qq})` (:mod:`oba.empirical_fisher`). CBS chooses the set jointly
 instead of scoring single weights: :func:`oba.unstructured.cbs_prune`.
 """
 
@@ -35,8 +35,7 @@ from torch.func import functional_call
 from oba.batches import to_device
 from oba.cbs import CBSResult, cbs_select, cbs_update
 from oba.curvature import Batch, LossFn, flatten_params, unflatten_params
-from oba.importance import score
-from oba.obs import (
+from oba.empirical_fisher import (
     DenseGradients,
     EmpiricalFisher,
     GradientMatrix,
@@ -47,6 +46,7 @@ from oba.obs import (
     woodfisher_scores,
     woodfisher_update,
 )
+from oba.importance import score
 
 __all__ = [
     "CRITERIA",
@@ -311,9 +311,9 @@ def fisher_blocks(
 ) -> tuple[list[EmpiricalFisher], list, GradientMatrix]:
     """Empirical Fisher blocks of the chosen layers' weights from ``num_grads`` gradients.
 
-    ``grad_mode``: ``"factored"`` (bias-free ``nn.Linear`` only: :class:`oba.obs.LinearGradients`, G never
+    ``grad_mode``: ``"factored"`` (bias-free ``nn.Linear`` only: :class:`oba.empirical_fisher.LinearGradients`, G never
     stored), ``"per_sample"`` or ``"per_batch"`` (G stored, float32), ``"auto"`` (factored when possible,
-    else per-sample). ``blocks``: ``"layer"``, ``"joint"`` or a chunk size (:func:`oba.obs.make_blocks`).
+    else per-sample). ``blocks``: ``"layer"``, ``"joint"`` or a chunk size (:func:`oba.empirical_fisher.make_blocks`).
     Returns ``(fishers, blocks, grads)``.
     """
     chosen = prunable_layers(model, layers)

@@ -13,6 +13,7 @@ from torch import nn
 
 import oba.models
 from oba.flops import count_flops
+from oba.group_importance import ParameterScoreImportance
 from oba.prune import (
     TargetNotReachedError,
     default_ignored_layers,
@@ -21,7 +22,6 @@ from oba.prune import (
     prune_structured,
     save_pruned,
 )
-from oba.structured import ParameterScoreImportance
 
 
 def batches(n: int = 3, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

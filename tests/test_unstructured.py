@@ -196,7 +196,7 @@ def test_mlpnet_factored_gradients_on_real_data(require_data):
     import oba.data
     import oba.models
     from oba.curvature import per_sample_gradients
-    from oba.obs import DenseGradients, linear_gradient_factors
+    from oba.empirical_fisher import DenseGradients, linear_gradient_factors
 
     model = oba.models.load_pretrained("mlpnet").double()
     ds = oba.data.subset(oba.data.mnist("train"), 16, seed=0)

@@ -1,4 +1,4 @@
-"""Tests of oba.structured: per-parameter scores reduced onto DepGraph groups, driving Torch-Pruning."""
+"""Tests of oba.group_importance: per-parameter scores reduced onto DepGraph groups, driving Torch-Pruning."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch_pruning as tp
 import torchvision
 from torch import Tensor, nn
 
-from oba.structured import ParameterScoreImportance, StaleScoresError, group_scores, head_scores
+from oba.group_importance import ParameterScoreImportance, StaleScoresError, group_scores, head_scores
 
 
 # ----------------------------------------------------------------------------- models

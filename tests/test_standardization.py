@@ -1,4 +1,4 @@
-"""Closed-form derivatives of standardisation (oba.normalization) against dense autograd oracles (float64)."""
+"""Closed-form derivatives of standardisation (oba.standardization) against dense autograd oracles (float64)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.functional import hessian
 
 from oba.decompose import decomposed_hvp
-from oba.normalization import BatchNormTrain, closed_form_batch_norm, standardization_hvp, standardize
+from oba.standardization import BatchNormTrain, closed_form_batch_norm, standardization_hvp, standardize
 
 TOL = 1e-10
 GEN = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ from torch import nn
 
 import oba
 from oba.cbs import SwapSearch, cbs_select, cbs_update, magnitude_set, rmp_start
-from oba.obs import (
+from oba.empirical_fisher import (
     DenseGradients,
     EmpiricalFisher,
     LinearGradients,
