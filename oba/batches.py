@@ -1,14 +1,18 @@
-"""Small helpers for iterating over batches, shared by scoring (:mod:`oba.importance`) and training."""
+"""Small helpers for iterating over batches, shared by scoring (:mod:`oba.importance`) and training, and the
+type of the loss functions both take (:data:`LossFn`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_count", "to_device"]
+__all__ = ["LossFn", "batch_count", "to_device"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(logits, targets)`` returning the mean loss of a batch (re-exported by :mod:`oba.curvature`)."""
 
 
 def batch_count(loader: Iterable[Any], max_batches: int | None) -> int | None:

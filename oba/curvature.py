@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from oba.batches import LossFn
 from oba.standardization import closed_form_batch_norm
 
 __all__ = [
@@ -79,7 +80,6 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple  # (inputs, targets); inputs a Tensor or a tuple of Tensors passed as positional args
 
 #: Above this many parameters :func:`hessian` refuses unless ``force=True`` (P^2 float64 = 800 MB).

@@ -18,7 +18,7 @@ loading too, giving up the comparison with one process on the same batches). The
 .. math::  s = \frac1M \sum_{i<M} s(b_i) = \frac{\sum_r \Sigma_r}{\sum_r M_r}, \qquad
            \Sigma_r = \sum_{b \in B_r} s(b),\quad M_r = |B_r|,
 
-so each process computes its sum :math:`\Sigma_r` and count :math:`M_r` (:func:`oba.importance.score_sums`),
+so each process computes its sum :math:`\Sigma_r` and count :math:`M_r` (:func:`oba.criteria.score_sums`),
 both are all-reduced (summed over processes), and only then is the mean taken -- and ``absolute=True``'s
 :math:`|s|`, which is not linear, applied. This holds for every data-dependent criterion of :func:`oba.score`:
 ``taylor`` (:math:`\theta \odot g_b`), ``obd_fisher`` (:math:`\theta^2 \odot \widehat{\mathrm{diag}}F_b`),
@@ -62,25 +62,32 @@ each sample is counted once).
 
 from __future__ import annotations
 
-import datetime
 import functools
 import itertools
-import math
-import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from oba import importance, kfac
+from oba import criteria, kfac
+from oba.criteria import CriterionScorer, make_scorer
 from oba.curvature import Batch, LossFn, Params
-from oba.data.datasets import SeededIndex
-from oba.group_importance import Normalizer
-from oba.prune import Scorer, layer_widths, make_scorer
+from oba.data.loading import DistributedSeededSampler, distributed_loader
+from oba.process_group import (
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    check_same_model,
+    gather_objects,
+    get_rank,
+    get_world_size,
+    init_process_group_from_env,
+    is_distributed,
+    is_main_process,
+    same_on_all_ranks,
+)
 
 __all__ = [
     "DistributedSeededSampler",
@@ -101,134 +108,6 @@ __all__ = [
     "score",
     "shard",
 ]
-
-
-# ------------------------------------------------------------------------------------------ process group
-def is_distributed() -> bool:
-    """Whether a :mod:`torch.distributed` process group with more than one process is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    """The number of processes (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and without a process group): the process that writes files and prints."""
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait until every process arrives here (nothing without a process group)."""
-    if is_distributed():
-        dist.barrier()
-
-
-def init_process_group_from_env(backend: str | None = None, timeout: datetime.timedelta | None = None) -> torch.device:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ...) and return
-    this process's device.
-
-    Under ``torchrun``: the group is initialised once (``backend`` default ``"nccl"`` with CUDA, else
-    ``"gloo"``), and each process uses GPU ``LOCAL_RANK`` (``torch.cuda.set_device``) or the CPU. Without
-    ``torchrun`` (no ``WORLD_SIZE`` in the environment) nothing is initialised: the device is the first GPU,
-    else the CPU. A group initialised before is kept.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ and dist.is_available() and not dist.is_initialized():
-        kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kwargs)
-    return device
-
-
-def _comm_device() -> torch.device:
-    """Where collective buffers live: the current GPU for NCCL, else the CPU."""
-    if "nccl" in str(dist.get_backend()).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------ collectives
-def all_reduce_sum(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The element-wise sums over all processes of ``tensors`` (one collective on a flat float64 buffer).
-
-    Returns new tensors of the inputs' shapes, dtypes and devices (integers are exact up to 2**53); without a
-    process group, the inputs themselves.
-    """
-    tensors = list(tensors)
-    if not is_distributed() or not tensors:
-        return tensors
-    flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), torch.float64) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.device, t.dtype))
-        offset += t.numel()
-    return out
-
-
-def same_on_all_ranks(values: Sequence[float], rel_tol: float = 1e-9) -> bool:
-    """Whether every process passed the same ``values`` (to ``rel_tol``): one MAX all-reduce of ``[v, -v]``."""
-    if not is_distributed():
-        return True
-    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
-    both = torch.cat([v, -v]).to(_comm_device())
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    high, low = both[: len(v)].cpu().tolist(), (-both[len(v) :]).cpu().tolist()
-    return all(math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-12) for a, b in zip(high, low, strict=True))
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every process (pickled; ``[obj]`` without a process group)."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
-    """Copy every buffer of ``model`` (BatchNorm running statistics, ...) from process ``src`` to all others."""
-    if not is_distributed():
-        return
-    for b in model.buffers():
-        if b.device.type == _comm_device().type:
-            dist.broadcast(b, src)
-        else:
-            tmp = b.detach().to(_comm_device())
-            dist.broadcast(tmp, src)
-            b.copy_(tmp)
-
-
-def _model_fingerprint(model: nn.Module) -> list[float]:
-    """Layer widths, parameter count and a position-weighted float64 sum of every parameter."""
-    widths = list(layer_widths(model).values())
-    params = list(model.parameters())
-    sums = [p.detach().double().sum().cpu() for p in params]  # one transfer per parameter, no sync in between
-    checksum = float(sum((k + 1) * s for k, s in enumerate(sums))) if sums else 0.0
-    return [len(widths), sum((k + 1) * w for k, w in enumerate(widths)), sum(p.numel() for p in params), checksum]
-
-
-def check_same_model(model: nn.Module, what: str = "model") -> None:
-    """Raise :class:`RuntimeError` on every process unless all hold the same ``model`` (widths and weights).
-
-    One small all-reduce of a fingerprint; nothing without a process group.
-    """
-    if not same_on_all_ranks(_model_fingerprint(model)):
-        raise RuntimeError(
-            f"the {what} differs between processes (layer widths or weights): load the same weights on every "
-            "rank (e.g. the same seed or checkpoint) before scoring; distributed scoring prunes identically only "
-            "if every process starts from the same model"
-        )
 
 
 # ------------------------------------------------------------------------------------------ sharding
@@ -313,20 +192,20 @@ def score(
             by the rank.
     """
     if not is_distributed():
-        return importance.score(
+        return criteria.score(
             model, loss_fn, batches, criterion, params=params, max_batches=max_batches, absolute=absolute,
             progress=progress, **options,
         )  # fmt: skip
-    if criterion == "magnitude":  # no data: the same on every process
-        return importance.score(model, None, None, criterion, params=params, absolute=absolute, **options)
+    if not criteria.get(criterion).needs_data:  # the same on every process
+        return criteria.score(model, None, None, criterion, params=params, absolute=absolute, **options)
     if batches is None:
         raise ValueError(f"criterion {criterion!r} needs data: pass loss_fn and batches (an iterable of (x, y))")
-    if criterion == "obd_hessian":
+    if "seed" in criteria.get(criterion).options:  # random probes: a different stream on every process
         options["seed"] = int(options.get("seed", 0)) + get_rank()
     if check:
         check_same_model(model)
     local = _Shard(batches, max_batches, shard)
-    sums, count = importance.score_sums(
+    sums, count = criteria.score_sums(
         model, loss_fn, local, criterion, params=params, progress=progress and is_main_process(), **options
     )
     if check:
@@ -392,128 +271,24 @@ def kfac_factors(
 
 
 def distributed_scorer(
-    criterion: str,
-    loss_fn: LossFn | None = None,
-    *,
-    normalizer: Normalizer = "mean",
-    group_reduction: str = "sum",
-    progress: bool = False,
-    shard: bool = True,
-    check: bool = True,
-    **options: Any,
-) -> Scorer:
-    """:func:`oba.prune.make_scorer` over all processes, for :func:`oba.prune_structured`.
+    criterion: str, loss_fn: LossFn | None = None, *, shard: bool = True, check: bool = True, **kwargs: Any
+) -> CriterionScorer:
+    """:func:`oba.criteria.make_scorer` over all processes, for :func:`oba.prune_structured`.
 
     ``prune_structured(model, x, distributed_scorer("oba", loss_fn), batches=loader, ...)`` run by every
     process (each with the same model and the same ``loader``, same seed): at each step the step's
     ``batches_per_step`` batches are dealt out rank-strided, the per-parameter scores (:func:`score`) or K-FAC
     factors (:func:`kfac_factors`) are all-reduced, and every process ranks and removes the same channels.
-    Without a process group the scorer is ``make_scorer(criterion, loss_fn, ...)`` itself.
-
-    ``"eigendamage"`` scores a model reparametrised by :func:`oba.eigendamage.to_eigenbasis`; what
-    :func:`oba.eigendamage.prune_eigendamage` does in one process is, on several::
-
-        dense = copy.deepcopy(model)
-        to_eigenbasis(model)
-        prune_structured(model, x, distributed_scorer("eigendamage", loss_fn), reference=dense,
-                         ignored_layers=eigenbasis_ignored_layers(model), batches=loader, keep_flops=0.5)
+    Without a process group the scorer is ``make_scorer(criterion, loss_fn, ...)`` itself. ``"eigendamage"``
+    rewrites every process's model alike before the first step, as in one process.
 
     Args:
-        criterion: one of :data:`oba.prune.STRUCTURED_CRITERIA`.
+        criterion: one of ``oba.criteria.names("structured")``.
         shard, check: as for :func:`score`.
-        normalizer, group_reduction, progress, options: as for :func:`oba.prune.make_scorer`.
+        kwargs: as for :func:`oba.criteria.make_scorer` (``normalizer``, ``group_reduction``, ``progress``, the
+            criterion's options).
     """
     return make_scorer(
-        criterion, loss_fn, normalizer=normalizer, group_reduction=group_reduction, progress=progress,
-        score_fn=functools.partial(score, shard=shard, check=check),
-        factor_fn=functools.partial(kfac_factors, shard=shard, check=check), **options,
+        criterion, loss_fn, score_fn=functools.partial(score, shard=shard, check=check),
+        factor_fn=functools.partial(kfac_factors, shard=shard, check=check), **kwargs,
     )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------ data for DDP
-class DistributedSeededSampler(DistributedSampler):
-    """A :class:`~torch.utils.data.DistributedSampler` whose items carry per-sample augmentation seeds.
-
-    Per epoch (``set_epoch``; :func:`oba.train.fine_tune` calls it) one permutation of the dataset (if
-    ``shuffle``) and one seed per sample are drawn from a generator seeded with ``seed + epoch``: the same on
-    every process, whatever the number of processes. Process ``r`` of ``K`` takes positions ``r, r + K, ...``.
-
-    Args:
-        even: every process gets the same number of samples (DDP training needs it): the order is padded by
-            repeating its start, or cut with ``drop_last``. ``even=False``: each sample exactly once, the
-            shards differing by at most one (evaluation).
-        with_seeds: yield :class:`oba.data.SeededIndex` items (default: when the dataset supports them, as
-            :mod:`oba.data`'s do), so random augmentation depends only on ``seed``, the epoch and the sample.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        even: bool = True,
-        with_seeds: bool | None = None,
-    ) -> None:
-        num_replicas = get_world_size() if num_replicas is None else num_replicas
-        rank = get_rank() if rank is None else rank
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.even = even
-        self.with_seeds = bool(getattr(dataset, "supports_seeded_index", False)) if with_seeds is None else with_seeds
-        if not even:
-            n = len(dataset)  # type: ignore[arg-type]
-            self.num_samples = len(range(self.rank, n, self.num_replicas))
-            self.total_size = n
-
-    def __iter__(self) -> Iterator[int | SeededIndex]:
-        n = len(self.dataset)  # type: ignore[arg-type]
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        if self.even:
-            if self.drop_last:
-                order = order[: self.total_size]
-            else:
-                pad = self.total_size - n
-                order += (order * math.ceil(pad / max(n, 1)))[:pad]
-        mine = order[self.rank : self.total_size : self.num_replicas]
-        if not self.with_seeds:
-            return iter(mine)
-        seeds = torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64).tolist()  # by sample
-        return iter([SeededIndex(i, seeds[i]) for i in mine])
-
-
-def distributed_loader(
-    dataset: Dataset,
-    batch_size: int = 128,
-    shuffle: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
-    *,
-    even: bool = True,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-    persistent_workers: bool = False,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-) -> DataLoader:
-    """A :class:`~torch.utils.data.DataLoader` over this process's part of ``dataset``
-    (:class:`DistributedSeededSampler`; without a process group, all of it).
-
-    ``batch_size`` is per process: K processes train with a global batch of ``K * batch_size``. Use
-    ``shuffle=True`` for training, ``shuffle=False, even=False`` for evaluation (each sample once).
-    ``fine_tune`` calls ``loader.sampler.set_epoch(epoch)`` at each epoch (do it yourself in your own loop).
-    """
-    sampler = DistributedSeededSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, even=even)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-        generator=torch.Generator().manual_seed(int(seed) + get_rank()),  # worker seeds, per process
-        collate_fn=collate_fn,
-    )

@@ -72,7 +72,7 @@ costs. The outer channels (inputs of ``rotate_in``, outputs of ``rotate_out``: r
 neighbouring layers) keep their width: :func:`eigenbasis_ignored_layers` lists every ``rotate_out`` (and every
 layer that was not reparametrised) for the pruner, and a group without a core layer gets no score.
 
-Re-scoring. :func:`make_eigendamage_scorer` runs before every pruning step of :func:`oba.prune_structured`:
+Re-scoring. :func:`eigendamage_importance` runs before every pruning step of :func:`oba.prune_structured`:
 it computes the K-FAC factors of the core layers on the step's batches, then rotates every
 :class:`EigenbasisLayer` in place, without changing its function, into the eigenbasis of those factors
 (:meth:`EigenbasisLayer.rotate_`: with :math:`A' = U_A \operatorname{diag}(a) U_A^\top`,
@@ -87,7 +87,8 @@ FLOPs. A reparametrised conv at input size :math:`H \times W` and output size :m
 :math:`C r_\text{in} HW + r_\text{out} r_\text{in} k^2 H'W' + D r_\text{out} H'W'` MACs against
 :math:`D C k^2 H'W'` for the dense layer (:math:`r` the inner widths): the unpruned KFE model is *more*
 expensive (about 1.2x for a CIFAR ResNet-20), so FLOPs targets are measured against the dense model
-(``reference=`` of :func:`oba.prune_structured`; :func:`prune_eigendamage` does it) and reaching them takes
+(``prune_structured(model, x, "eigendamage", ...)`` measures against the model as given, before
+:class:`EigenbasisPreparation` reparametrises it) and reaching them takes
 heavy inner pruning (inner widths near half at 0.4 of the dense FLOPs). A layer with far more inputs than
 outputs (the first layer of an MNIST MLP, 784 -> 40) pays more for its input rotation than for the layer
 itself; leave such layers out with ``layers=``.
@@ -99,7 +100,7 @@ last layer alone) and stays reparametrised (the public code falls back to the de
 bottleneck would be larger); the rotations are ordinary trainable parameters during fine-tuning (its CIFAR
 configurations train them too); no damping (negative eigenvalues from round-off are set to zero). Costs are
 divided by their group's mean before the global ranking (``normalizer="mean"``, as every other criterion of
-:data:`oba.experiments.CRITERION_PRESETS`), although the public configurations rank raw costs
+:mod:`oba.criteria`), although the public configurations rank raw costs
 (``normalize: false``): on the pretrained CIFAR-10 ResNet-20 with this pruner (5 scoring batches of 64 per
 step, one step per target, 1,017 lossless test images, no fine-tuning), raw costs kept 30 % / 32 % / 12 %
 accuracy at 0.8 / 0.6 / 0.4 of the FLOPs against 60 % / 16 % / 9 % with the mean, and 34 % / 31 % / 21 %
@@ -112,8 +113,7 @@ plain, unpruned layer).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -122,16 +122,15 @@ from torch import Tensor, nn
 from oba.curvature import Batch, LossFn
 from oba.group_importance import Normalizer
 from oba.kfac import KFACFactors, KronImportance, kfac_factors
-from oba.prune import Scorer, prune_structured
 
 __all__ = [
     "EigenbasisLayer",
+    "EigenbasisPreparation",
     "channel_input_factor",
     "eigenbasis_ignored_layers",
     "eigenbasis_layers",
     "eigendamage_costs",
-    "make_eigendamage_scorer",
-    "prune_eigendamage",
+    "eigendamage_importance",
     "to_eigenbasis",
 ]
 
@@ -178,6 +177,11 @@ class EigenbasisLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.rotate_out(self.core(self.rotate_in(x)))
+
+    def output_width(self) -> int:
+        """The width this layer presents to the rest of the model (``rotate_out``'s outputs), which
+        :func:`oba.prunable.layer_widths` reports under the layer's own name."""
+        return int(self.rotate_out.weight.shape[0])
 
     @property
     def inner_widths(self) -> tuple[int, int]:
@@ -269,7 +273,7 @@ def to_eigenbasis(
         model: modified in place and returned.
         factors: K-FAC factors of the layers (:func:`oba.kfac.kfac_factors` on ``model``, ``sampled=True`` for
             EigenDamage's true Fisher): each layer is rotated into its KFE, ``W' = Q_S^T W Q_A``. Without
-            factors the rotations are identities (:func:`make_eigendamage_scorer` rotates before scoring).
+            factors the rotations are identities (:func:`eigendamage_importance` rotates before scoring).
         layers: the layers to reparametrise (default: every ``nn.Linear`` / ``nn.Conv2d`` that is not already
             part of an :class:`EigenbasisLayer`, except the last ``nn.Linear``, the classifier). Layers already
             reparametrised (an :class:`EigenbasisLayer` or one of its parts) are left as they are, so calling it
@@ -326,7 +330,7 @@ def eigendamage_costs(layer: EigenbasisLayer, a: Tensor, s: Tensor, *, out: bool
 
     ``out=True``: :math:`c(i) = \tfrac12 s_i \sum_{j,t} W'^2_{ijt} a_j` (``Tensor[r_out]``); else
     :math:`c(j) = \tfrac12 a_j \sum_{i,t} W'^2_{ijt} s_i` (``Tensor[r_in]``). The reference formula;
-    :func:`make_eigendamage_scorer` gets the same numbers through :class:`oba.kfac.KronImportance`.
+    :func:`eigendamage_importance` gets the same numbers through :class:`oba.kfac.KronImportance`.
     """
     w2 = layer.core.weight.detach().pow(2).reshape(*layer.core.weight.shape[:2], -1).sum(2)  # [r_out, r_in]
     entry = 0.5 * w2 * s[:, None] * a[None, :]
@@ -340,86 +344,85 @@ def _diagonal_factors(layer: EigenbasisLayer, a: Tensor, s: Tensor) -> KFACFacto
     return KFACFactors(A, torch.diag(s), has_bias=False, kernel_size=k)
 
 
-def make_eigendamage_scorer(
+def eigendamage_importance(
+    model: nn.Module,
     loss_fn: LossFn,
+    batches: Sequence[Batch],
     *,
     sampled: bool = True,
     damping: float = 0.0,
+    seed: int = 0,
     normalizer: Normalizer = "mean",
     group_reduction: str = "sum",
-    seed: int = 0,
     progress: bool = False,
     factor_fn: Callable[..., dict[nn.Module, KFACFactors]] = kfac_factors,
-) -> Scorer:
-    """A scorer for :func:`oba.prune_structured` on a model reparametrised by :func:`to_eigenbasis`.
+) -> KronImportance:
+    """One pruning step's importance of a model reparametrised by :func:`to_eigenbasis`.
 
-    Each call (one per pruning step): K-FAC factors of every core on the step's batches (``sampled=True``:
-    the true Fisher, labels drawn from the model with ``seed``), every :class:`EigenbasisLayer` rotated into
-    their eigenbasis (:meth:`EigenbasisLayer.rotate_`, function unchanged), then the EigenDamage costs as
-    :class:`oba.kfac.KronImportance` (``kind="obd"``) of the cores. Groups of outer channels hold no core and get
-    ``None`` (never pruned).
+    K-FAC factors of every core on ``batches`` (``sampled=True``: the true Fisher, labels drawn from the model
+    with ``seed``), every :class:`EigenbasisLayer` rotated into their eigenbasis (:meth:`EigenbasisLayer.rotate_`,
+    function unchanged), then the EigenDamage costs as :class:`oba.kfac.KronImportance` (``kind="obd"``) of the
+    cores. Groups of outer channels hold no core and get ``None`` (never pruned). The registry entry
+    ``"eigendamage"`` (:mod:`oba.criteria`) calls it at every step of :func:`oba.prune_structured`.
 
     Args:
         damping: added as in :mod:`oba.kfac` (each factor gets ``sqrt(damping) I``); EigenDamage uses none.
         normalizer, group_reduction: as in :class:`oba.group_importance.ParameterScoreImportance` (``None``: raw
             costs; module docstring for the default).
         factor_fn: computes the K-FAC factors, called as :func:`oba.kfac.kfac_factors` (default);
-            :func:`oba.distributed.kfac_factors` all-reduces them over the processes of ``torch.distributed``,
-            so that every process rotates and prunes alike (:func:`oba.distributed.distributed_scorer`).
+            :func:`oba.distributed.kfac_factors` all-reduces them over the processes of ``torch.distributed``.
     """
-
-    def scorer(model: nn.Module, batches: Sequence[Batch]) -> Any:
-        kfe = list(eigenbasis_layers(model).values())
-        if not kfe:
-            raise ValueError(
-                "EigenDamage prunes the eigen-channels of a reparametrised model, and this one has no "
-                "EigenbasisLayer: call oba.eigendamage.to_eigenbasis(model) first, or use prune_eigendamage"
-            )
-        cores = [e.core for e in kfe]
-        factors = factor_fn(model, loss_fn, batches, layers=cores, sampled=sampled, seed=seed, progress=progress)
-        diagonal = {}
-        for e in kfe:
-            a, s = e.rotate_(channel_input_factor(factors[e.core]), factors[e.core].S)
-            diagonal[e.core] = _diagonal_factors(e, a, s)
-        return KronImportance(
-            model, diagonal, "obd", damping=damping, group_reduction=group_reduction, normalizer=normalizer
-        )
-
-    scorer.criterion = "eigendamage"  # type: ignore[attr-defined]
-    return scorer
-
-
-def prune_eigendamage(
-    model: nn.Module,
-    example_inputs: Tensor | Sequence[Tensor],
-    *,
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
-    layers: Iterable[nn.Module] | None = None,
-    sampled: bool = True,
-    damping: float = 0.0,
-    normalizer: Normalizer = "mean",
-    reference: nn.Module | None = None,
-    **prune_options: Any,
-) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """EigenDamage end to end: :func:`to_eigenbasis` (in place), then :func:`oba.prune_structured` of the
-    eigen-channels only, scored by :func:`make_eigendamage_scorer`.
-
-    ``keep_flops`` / ``keep_params`` are fractions of ``reference`` (default: ``model`` as given, before the
-    reparametrisation). ``prune_options`` go to :func:`oba.prune_structured` (``keep_flops``, ``steps``,
-    ``batches_per_step``, ...); ``ignored_layers`` is set here (:func:`eigenbasis_ignored_layers`) and may not be
-    given. Returns ``(model, history)`` like :func:`oba.prune_structured`.
-    """
-    if "ignored_layers" in prune_options:
+    kfe = list(eigenbasis_layers(model).values())
+    if not kfe:
         raise ValueError(
-            "prune_eigendamage prunes only eigen-channels and sets ignored_layers itself; choose the layers to "
-            "reparametrise with layers=[...] instead"
+            "EigenDamage prunes the eigen-channels of a reparametrised model, and this one has no EigenbasisLayer: "
+            "call oba.eigendamage.to_eigenbasis(model) first, or prune with "
+            'oba.prune_structured(model, x, "eigendamage")'
         )
-    if reference is None:
-        reference = copy.deepcopy(model)
-    to_eigenbasis(model, layers=layers)
-    scorer = make_eigendamage_scorer(loss_fn, sampled=sampled, damping=damping, normalizer=normalizer)
-    return prune_structured(
-        model, example_inputs, scorer, loss_fn=loss_fn, batches=batches, reference=reference,
-        ignored_layers=eigenbasis_ignored_layers(model), **prune_options,
-    )  # fmt: skip
+    cores = [e.core for e in kfe]
+    factors = factor_fn(model, loss_fn, batches, layers=cores, sampled=sampled, seed=seed, progress=progress)
+    diagonal = {}
+    for e in kfe:
+        a, s = e.rotate_(channel_input_factor(factors[e.core]), factors[e.core].S)
+        diagonal[e.core] = _diagonal_factors(e, a, s)
+    return KronImportance(
+        model, diagonal, "obd", damping=damping, group_reduction=group_reduction, normalizer=normalizer
+    )
+
+
+class EigenbasisPreparation:
+    """EigenDamage's plug-in for the pruner (:class:`oba.criteria.Preparation`): before the first step the model
+    is reparametrised in place (:func:`to_eigenbasis`; harmless on layers already reparametrised, as in later
+    stages of the iterative protocol) and only eigen-channels prune (:func:`eigenbasis_ignored_layers`); FLOPs
+    are measured against the model as given, before the reparametrisation, which has more FLOPs than it."""
+
+    name = "eigenbasis_layers"
+
+    def prepare(
+        self, model: nn.Module, ignored_layers: Sequence[nn.Module] | None, layers: Iterable[nn.Module] | None = None
+    ) -> list[nn.Module]:
+        """Reparametrise ``layers`` (default :func:`to_eigenbasis`'s) and return the layers the pruner ignores."""
+        if ignored_layers is not None:
+            raise ValueError(
+                "EigenDamage prunes only eigen-channels and sets ignored_layers itself; choose the layers to "
+                "reparametrise with the criterion option layers=[...] (oba.criteria.make_scorer) instead"
+            )
+        to_eigenbasis(model, layers=layers)
+        return eigenbasis_ignored_layers(model)
+
+    def prepared_layers(self, model: nn.Module) -> list[str]:
+        """Names of the reparametrised layers (what a saved pruned model must rebuild before loading weights)."""
+        return list(eigenbasis_layers(model))
+
+    def restore(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Reparametrise the named layers of a fresh model (identity rotations; the saved weights follow)."""
+        to_eigenbasis(model, layers=[model.get_submodule(name) for name in names])
+
+    def split_widths(self, model: nn.Module, widths: Mapping[str, int]) -> dict[str, Any]:
+        """``{"widths": ...}`` under the original layer names (what every other criterion reports) and the widths of
+        the reparametrised layers' parts under ``"inner_widths"``."""
+        parts = {f"{n}.{part}" for n in eigenbasis_layers(model) for part in ("rotate_in", "core", "rotate_out")}
+        out: dict[str, Any] = {"widths": {k: v for k, v in widths.items() if k not in parts}}
+        if parts:
+            out["inner_widths"] = {k: v for k, v in widths.items() if k in parts}
+        return out

@@ -11,18 +11,17 @@ so a rerun of the same call skips what is done and continues where it stopped:
 * :func:`iterative_pruning` -- the paper's iterative protocol: prune to each target in turn (FLOPs measured
   against the dense model), fine-tune, continue from the fine-tuned model.
 
-Criteria are named by :data:`CRITERION_PRESETS` (a criterion of :func:`oba.prune.make_scorer` plus options).
-Every criterion prunes a copy of the given model as it is, except ``"eigendamage"``: the copy is first
-reparametrised in the Kronecker-factored eigenbasis (:func:`oba.eigendamage.to_eigenbasis`), only its
-eigen-channels are pruned, and FLOPs are measured against the model before the reparametrisation
-(:func:`_prepare`). Its records' ``widths`` hold the outer widths under the original layer names (what the other
-criteria's ``widths`` hold) and ``inner_widths`` the widths of the reparametrised layers' parts.
+Criteria are names of the registry :mod:`oba.criteria` (``names("structured")``), with per-criterion options
+from ``criterion_options`` (e.g. ``{"obd_fisher": {"fisher": "per_batch"}}``). Every criterion prunes a copy of
+the given model; one that rewrites the model first (``"eigendamage"``: the Kronecker-factored eigenbasis) does so
+inside :func:`oba.prune_structured`, which measures FLOPs against the model before the rewrite. Records' ``widths``
+hold the widths under the original layer names for every criterion, and ``inner_widths`` the widths of rewritten
+layers' parts.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,37 +31,27 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oba.criteria import Scorer, make_scorer
 from oba.curvature import Batch
 from oba.flops import count_flops
-from oba.prune import load_pruned, make_scorer, prune_structured, save_pruned
-from oba.train import evaluate, fine_tune, read_jsonl, recalibrate_batchnorm
+from oba.io import append_jsonl, read_jsonl
+from oba.prune import prune_structured
+from oba.pruned_io import load_pruned, save_pruned
+from oba.train import evaluate, fine_tune, recalibrate_batchnorm
 
 __all__ = [
-    "CRITERION_PRESETS",
     "ResultLog",
     "iterative_pruning",
     "prune_and_fine_tune",
     "structured_sweep",
 ]
 
-CRITERION_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "magnitude": ("magnitude", {}),  # L1 norm of each channel's parameters
-    "taylor": ("taylor", {}),  # |sum of theta * g| per channel
-    "obd_fisher": ("obd_fisher", {"fisher": "per_batch"}),  # C-OBD-like: theta^2 * diagonal (batch) Fisher
-    "kron_obd": ("kron_obd", {}),  # K-FAC diagonal
-    "kron_obs": ("kron_obs", {}),  # K-FAC OBS with compensation inside the layer
-    "oba": ("oba", {}),  # exact: theta * (H theta), all four Hessian terms
-    "oba_two_term": ("oba", {"terms": ("series", "parallel")}),  # the published code's criterion
-    "eigendamage": ("eigendamage", {}),  # OBD in the K-FAC eigenbasis, true Fisher, eigen-channels only
-}
-"""Named structured criteria: ``name -> (criterion of make_scorer, options)``."""
-
 
 class ResultLog:
     """Append-only JSONL results with lookup, so finished work is skipped on a rerun.
 
-    Each record is one line, written with a flush and ``fsync``; a torn last line (a crash mid-write)
-    is ignored when reading.
+    Each record is one line, written with a flush and ``fsync`` (:func:`oba.io.append_jsonl`); a torn last line (a
+    crash mid-write) is ignored when reading and cut off before the next append.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -76,57 +65,15 @@ class ResultLog:
         return [r for r in self.records() if all(r.get(k) == v for k, v in match.items())]
 
     def append(self, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(record), default=_plain) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, record)
 
 
-def _plain(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"cannot write {type(x).__name__} to JSON")
-
-
-def _scorer(name: str, loss_fn: Callable) -> Callable:
-    if name not in CRITERION_PRESETS:
-        raise ValueError(f"unknown criterion preset {name!r}; choose from {', '.join(CRITERION_PRESETS)}")
-    criterion, options = CRITERION_PRESETS[name]
-    return make_scorer(criterion, loss_fn, **options)
-
-
-def _prepare(
-    name: str, model: nn.Module, reference: nn.Module, prune_options: Mapping[str, Any]
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to prune for preset ``name`` and the options of :func:`oba.prune_structured` that go with it.
-
-    Most criteria prune ``model`` as it is (no extra options). EigenDamage reparametrises it first (in place,
-    :func:`oba.eigendamage.to_eigenbasis`; a no-op for layers already reparametrised, as in later stages of the
-    iterative protocol), prunes only eigen-channels (``ignored_layers``) and measures FLOPs against
-    ``reference`` (the dense model), since the reparametrised model starts with more FLOPs than it.
-    """
-    if CRITERION_PRESETS[name][0] != "eigendamage":
-        return model, {}
-    from oba.eigendamage import eigenbasis_ignored_layers, to_eigenbasis
-
-    if "ignored_layers" in prune_options:
-        raise ValueError("the eigendamage preset prunes eigen-channels only and sets ignored_layers itself")
-    to_eigenbasis(model)
-    return model, {"ignored_layers": eigenbasis_ignored_layers(model), "reference": reference}
-
-
-def _split_widths(widths: Mapping[str, int], model: nn.Module) -> dict[str, Any]:
-    """``{"widths": ...}`` of ``model``'s layers, with the parts of its reparametrised layers (EigenDamage) under
-    ``"inner_widths"`` instead, so that ``widths`` has the original layer names for every criterion."""
-    from oba.eigendamage import eigenbasis_layers
-
-    parts = {f"{name}.{part}" for name in eigenbasis_layers(model) for part in ("rotate_in", "core", "rotate_out")}
-    out: dict[str, Any] = {"widths": {k: v for k, v in widths.items() if k not in parts}}
-    if parts:
-        out["inner_widths"] = {k: v for k, v in widths.items() if k in parts}
-    return out
+def _widths(scorer: Scorer, model: nn.Module, widths: Mapping[str, int]) -> dict[str, Any]:
+    """``{"widths": ...}`` under the original layer names for every criterion; a criterion that rewrote layers
+    (EigenDamage) reports its parts' widths as ``"inner_widths"`` (:meth:`oba.criteria.Preparation.split_widths`)."""
+    if scorer.preparation is None:
+        return {"widths": dict(widths)}
+    return scorer.preparation.split_widths(model, widths)
 
 
 def _evaluate_all(model: nn.Module, eval_loaders: Mapping[str, Iterable[Batch]]) -> dict[str, float]:
@@ -151,6 +98,7 @@ def structured_sweep(
     recalibrate_loader: Iterable[Batch] | None = None,
     recalibrate_batches: int = 50,
     loss_fn: Callable = F.cross_entropy,
+    criterion_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
     **prune_options: Any,
 ) -> list[dict[str, Any]]:
@@ -164,7 +112,8 @@ def structured_sweep(
     (``acc_<name>_recal``), on a copy.
 
     Records ``{"criterion", "keep_flops", "flops_kept", "params_kept", "acc_<eval>", "loss_<eval>",
-    "widths", "score_seconds"}``; a criterion with a record for every target is skipped.
+    "widths", "score_seconds"}``; a criterion with a record for every target is skipped. ``criterion_options``:
+    ``{criterion: options of oba.criteria.make_scorer}``.
     """
     targets = sorted({float(k) for k in keep_flops}, reverse=True)
     steps, previous = [], 1.0
@@ -174,12 +123,13 @@ def structured_sweep(
     for name in criteria:
         if {r["keep_flops"] for r in log.find(criterion=name)} >= set(targets):
             continue
-        scorer = _scorer(name, loss_fn)
-        model, extra = _prepare(name, copy.deepcopy(dense), prune_options.get("reference", dense), prune_options)
-        options = {**prune_options, **extra}
+        scorer = make_scorer(name, loss_fn, **dict((criterion_options or {}).get(name, {})))
+        model = copy.deepcopy(dense)
         pending: list[dict[str, Any]] = []
 
-        def on_step(m: nn.Module, record: dict[str, Any], name: str = name, pending: list = pending) -> None:
+        def on_step(
+            m: nn.Module, record: dict[str, Any], name: str = name, pending: list = pending, scorer: Scorer = scorer
+        ) -> None:
             if record["target"] not in targets:
                 return
             row = {"criterion": name, "keep_flops": record["target"], "flops_kept": record["flops_kept"]}
@@ -189,13 +139,13 @@ def structured_sweep(
                 recal = copy.deepcopy(m)
                 recalibrate_batchnorm(recal, recalibrate_loader, recalibrate_batches)
                 row.update({f"{k}_recal": v for k, v in _evaluate_all(recal, eval_loaders).items()})
-            row.update(_split_widths(record["widths"], m))
+            row.update(_widths(scorer, m, record["widths"]))
             pending.append(row)
 
         prune_structured(
             model, example_inputs, scorer, keep_flops=targets[-1], step_targets=steps, loss_fn=loss_fn,
             batches=score_batches, batches_per_step=batches_per_step, on_step=on_step, progress=progress,
-            **options,
+            **prune_options,
         )  # fmt: skip
         for row in pending:  # all targets of a criterion land together: a partial trajectory is redone
             log.append(row)
@@ -219,6 +169,7 @@ def prune_and_fine_tune(
     reference: nn.Module | None = None,
     tag: str = "",
     loss_fn: Callable = F.cross_entropy,
+    criterion_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
     **prune_options: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -229,6 +180,7 @@ def prune_and_fine_tune(
     metrics), ``..._final.pt`` (the fine-tuned pruned model). The record ``{"criterion", "keep_flops",
     "flops_kept", "params_kept", "acc_<eval>_pruned", "acc_<eval>", "epochs", ...}`` is appended to ``log``
     at the end; if it is already there, the final model is loaded and returned without work.
+    ``criterion_options``: ``{criterion: options of oba.criteria.make_scorer}`` (as for :func:`structured_sweep`).
     """
     out = Path(out_dir)
     stem = f"{tag}{criterion}_{keep_flops:g}"
@@ -241,13 +193,11 @@ def prune_and_fine_tune(
         model = load_pruned(pruned_path)
         history = None
     else:
-        model, extra = _prepare(
-            criterion, copy.deepcopy(dense), dense if reference is None else reference, prune_options
-        )
-        options = {"reference": reference, **prune_options, **extra}
+        scorer = make_scorer(criterion, loss_fn, **dict((criterion_options or {}).get(criterion, {})))
+        model = copy.deepcopy(dense)
         _, history = prune_structured(
-            model, example_inputs, _scorer(criterion, loss_fn), keep_flops=keep_flops, loss_fn=loss_fn,
-            batches=score_batches, progress=progress, **options,
+            model, example_inputs, scorer, keep_flops=keep_flops, loss_fn=loss_fn, batches=score_batches,
+            reference=reference, progress=progress, **prune_options,
         )  # fmt: skip
         save_pruned(model, pruned_path, arch, arch_kwargs)
     before = _evaluate_all(model, eval_loaders)
@@ -265,7 +215,7 @@ def prune_and_fine_tune(
     record.update(_evaluate_all(model, eval_loaders))
     record.update(fine_tune_seconds=time.perf_counter() - start)
     if history is not None:
-        record.update(_split_widths(history[-1]["widths"], model))
+        record.update(_widths(scorer, model, history[-1]["widths"]))
     log.append(record)
     return model, record
 

@@ -9,10 +9,26 @@
 
 Loaders yield ``(inputs, targets)`` batches (extra items are ignored), as those of :func:`oba.data.loader`.
 
-Multi-process runs (``torchrun``, :mod:`oba.distributed`): when a :mod:`torch.distributed` process group is
-initialised, :func:`fine_tune` trains a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper of the model
-(feed it :func:`oba.distributed.distributed_loader`), reports global metrics, and only rank 0 writes the log and
-checkpoints; :func:`evaluate` all-reduces its sums. Without a process group nothing changes.
+Files go through :mod:`oba.io`: the checkpoint is replaced atomically, log lines are appended with an ``fsync``
+(a torn last line is dropped), and checkpoints are read with ``weights_only=True`` (:func:`load_checkpoint`).
+
+Multi-process runs (``torchrun``; :mod:`oba.process_group`): when a :mod:`torch.distributed` process group is
+initialised, :func:`evaluate` all-reduces its sums, and :func:`fine_tune` (every process calls it with the same
+arguments):
+
+* trains a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper of the model (parameters and buffers
+  broadcast from rank 0 at the start, gradients averaged over processes); give each process its part of the data
+  with :func:`oba.data.distributed_loader` -- ``loader.sampler.set_epoch(epoch)`` is called at every epoch (for
+  any loader whose sampler has it, also without a process group);
+* after every epoch copies the buffers (BatchNorm statistics) from rank 0, so every process ends the epoch with
+  the same state, and sums the metrics over the processes (``train_num_samples`` and ``eval_num_samples`` are
+  global; :func:`evaluate` runs on every process);
+* writes the log and the checkpoint on rank 0 only (atomically), the checkpoint holding every process's RNG
+  states, while the others wait at a barrier. Every process reads the checkpoint on resumption (a filesystem
+  shared by the processes), each restoring its own RNG states (with another number of processes: rank 0's, with
+  a warning); all processes must agree on the epoch to resume from.
+
+Without a process group nothing changes.
 """
 
 from __future__ import annotations
@@ -22,11 +38,11 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +51,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oba import distributed as D
-from oba.batches import batch_count, to_device
+from oba import process_group as pg
+from oba.batches import LossFn, batch_count, to_device
+from oba.io import append_jsonl, atomic_write, load_torch, read_jsonl, save_torch
 from oba.models.checkpoints import state_dict_mismatches
 
 __all__ = [
@@ -51,8 +68,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "oba.fine_tune/1"
 """The ``format`` entry of checkpoints written by :func:`fine_tune`."""
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class CheckpointMismatchError(ValueError):
@@ -132,7 +147,7 @@ def evaluate(
         max_batches: stop after that many batches.
         distributed: all-reduce the sums (loss, correct, samples) over the processes, so that every process
             returns the metrics of the union of their loaders (give each its own part of the data, e.g.
-            ``oba.distributed.distributed_loader(test_set, even=False)``); every process must call it then.
+            ``oba.data.distributed_loader(test_set, even=False)``); every process must call it then.
             Default: when a process group with several processes is initialised.
 
     Returns:
@@ -140,7 +155,7 @@ def evaluate(
         (accuracy and loss are NaN for an empty loader).
     """
     device = _prepare(model, device)
-    distributed = D.is_distributed() if distributed is None else distributed
+    distributed = pg.is_distributed() if distributed is None else distributed
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -151,7 +166,7 @@ def evaluate(
             _batches(loader, max_batches),
             total=batch_count(loader, max_batches),
             desc=desc,
-            disable=not progress or not D.is_main_process(),
+            disable=not progress or not pg.is_main_process(),
             leave=False,
         )
         for batch in bar:
@@ -172,7 +187,7 @@ def evaluate(
 
 def _global_sums(total_loss: Tensor, correct: Tensor, n: int) -> tuple[float, int, int]:
     """``(loss sum, correct, samples)`` summed over all processes (one all-reduce)."""
-    loss, c, count = D.all_reduce_sum([total_loss.double(), correct.double(), torch.tensor(float(n))])
+    loss, c, count = pg.all_reduce_sum([total_loss.double(), correct.double(), torch.tensor(float(n))])
     return float(loss), int(c), int(count)
 
 
@@ -227,56 +242,20 @@ def recalibrate_batchnorm(
 
 
 # --------------------------------------------------------------------------------------------------
-# JSONL log and checkpoints
+# Checkpoints (read and written through oba.io)
 # --------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSONL log; a truncated last line (an interrupted write) is ignored."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no newline after it: a partial write
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return records
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _rewrite_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
-
-
-def _append_log(path: Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a :func:`fine_tune` checkpoint on the CPU with ``torch.load(weights_only=True)``."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a :func:`fine_tune` checkpoint on the CPU with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        oba.io.DamagedFileError: the file is truncated or corrupt (delete it to restart the run).
+        oba.io.UnsafeCheckpointError: the file pickles objects a checkpoint of :func:`fine_tune` never holds.
+        ValueError: the file is not a :func:`fine_tune` checkpoint.
+    """
+    ckpt = load_torch(path, what="fine_tune checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a fine_tune checkpoint (format {CHECKPOINT_FORMAT!r})")
     return ckpt
@@ -341,7 +320,7 @@ def _set_rng_state(state: Mapping[str, Any], loaders: Sequence[Any]) -> None:
             warnings.warn(
                 f"the {which} loader has {len(gens)} random generator(s), the checkpoint {len(saved)}: "
                 "their states are not restored, so the resumed data order may differ",
-                stacklevel=3,
+                stacklevel=4,  # the caller of fine_tune (via _resume)
             )
             continue
         for g, s in zip(gens, saved, strict=True):
@@ -389,9 +368,9 @@ def fine_tune(
 
     After every epoch:
 
-    * the metrics ``{"epoch" (1-based), "lr", "train_loss", "train_accuracy", "eval_loss",
-      "eval_accuracy" (when ``eval_loader``), "eval_num_samples", "seconds"}`` are appended to ``log_path``
-      as one JSON line (flushed);
+    * the metrics ``{"epoch" (1-based), "lr", "train_loss", "train_accuracy", "train_num_samples", "eval_loss",
+      "eval_accuracy", "eval_num_samples" (when ``eval_loader``), "seconds"}`` are appended to ``log_path`` as
+      one JSON line (flushed and fsync-ed);
     * ``checkpoint_path`` is replaced atomically by a checkpoint holding the model, optimiser and scheduler
       states, the number of completed epochs, the metrics so far, the hyper-parameters, and the RNG states
       (torch, CUDA, numpy, python, and the generators of both loaders). It holds only tensors and plain
@@ -404,40 +383,90 @@ def fine_tune(
     a finished run; the other hyper-parameters must match. Without resumption the log is started afresh.
 
     Under ``torch.distributed`` (``distributed=True``; default: when a process group with several processes is
-    initialised; every process calls ``fine_tune`` with the same arguments):
-
-    * the model is trained through :class:`~torch.nn.parallel.DistributedDataParallel` (parameters and
-      buffers broadcast from rank 0 at the start, gradients averaged over processes); give each process its
-      part of the data with :func:`oba.distributed.distributed_loader` -- ``loader.sampler.set_epoch(epoch)`` is
-      called at every epoch (for any loader whose sampler has it, also without a process group);
-    * after every epoch the buffers (BatchNorm statistics) are copied from rank 0, so every process ends the
-      epoch with the same state; the metrics are summed over the processes (``train_num_samples`` and
-      ``eval_num_samples`` are global; :func:`evaluate` runs on every process);
-    * only rank 0 writes the log and the checkpoint (atomically), which holds every process's RNG states;
-      the others wait at a barrier. Every process reads the checkpoint on resumption (a filesystem shared by
-      the processes), each restoring its own RNG states (with another number of processes: rank 0's, with a
-      warning); all processes must agree on the epoch to resume from.
+    initialised) the model is trained with DDP, the metrics are global, and only rank 0 writes files: see the
+    module docstring.
 
     Args:
         seed: when starting afresh, ``torch.manual_seed(seed)`` (plus numpy and python) first, ``seed + rank``
             under ``torch.distributed``; ignored on resumption.
         device: where to train (the model is moved there); default the model's device.
         loss_fn: ``loss_fn(logits, targets)`` returning the mean loss of a batch; default cross-entropy.
-        distributed: train with DDP over the process group (see above).
 
     Raises:
         CheckpointMismatchError: the checkpoint holds a different model's weights.
         ValueError: the checkpoint was made with other hyper-parameters, or has more epochs than asked.
+        oba.io.DamagedFileError: the checkpoint is truncated or corrupt (delete it to restart).
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    distributed = D.is_distributed() if distributed is None else distributed
-    main = D.is_main_process() or not distributed  # writes files and prints
+    run = _setup(
+        model, train_loader, eval_loader, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
+        gamma=gamma, nesterov=nesterov, loss_fn=loss_fn, device=device, progress=progress, distributed=distributed,
+        checkpoint_path=checkpoint_path, log_path=log_path,
+    )  # fmt: skip
+    if run.checkpoint_path is not None and resume and run.checkpoint_path.exists():
+        start, history = _resume(run, epochs)
+    else:
+        start, history = 0, []
+        _seed_everything(seed, run.distributed)
+    if run.log_path is not None and run.main:  # the checkpoint's epochs (none when starting afresh), atomically
+        atomic_write(run.log_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
+    if run.distributed:
+        _wrap_in_ddp(run, start)
+    with _modes_restored(model):
+        for epoch in range(start, epochs):
+            history.append(_train_epoch(run, epoch, epochs))
+            _end_epoch(run, history)
+    return history
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`fine_tune` call share."""
+
+    model: nn.Module
+    net: nn.Module  # what batches go through: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    config: dict[str, Any]  # the hyper-parameters, which a resumed run must share
+    loss_fn: LossFn
+    device: torch.device
+    train_loader: Iterable[Any]
+    eval_loader: Iterable[Any] | None
+    distributed: bool
+    main: bool  # this process writes the files and prints
+    progress: bool
+    checkpoint_path: Path | None
+    log_path: Path | None
+
+    @property
+    def loaders(self) -> list[Any]:
+        return [self.train_loader, self.eval_loader]
+
+
+def _setup(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    eval_loader: Iterable[Any] | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    milestones: Sequence[int],
+    gamma: float,
+    nesterov: bool,
+    loss_fn: LossFn | None,
+    device: str | torch.device | None,
+    progress: bool,
+    distributed: bool | None,
+    checkpoint_path: str | os.PathLike | None,
+    log_path: str | os.PathLike | None,
+) -> _Run:
+    """Move the model to its device; build the optimiser (SGD over the trainable parameters) and scheduler."""
+    distributed = pg.is_distributed() if distributed is None else distributed
     device = _prepare(model, device)
-    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     config = {
         "lr": float(lr),
         "momentum": float(momentum),
@@ -446,131 +475,165 @@ def fine_tune(
         "gamma": float(gamma),
         "nesterov": bool(nesterov),
     }
-    ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    log = Path(log_path) if log_path is not None else None
-    loaders = [train_loader, eval_loader]
+    return _Run(
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma),
+        config=config,
+        loss_fn=loss_fn if loss_fn is not None else nn.CrossEntropyLoss(),
+        device=device,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        distributed=distributed,
+        main=pg.is_main_process() or not distributed,
+        progress=progress,
+        checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None,
+        log_path=Path(log_path) if log_path is not None else None,
+    )
 
-    history: list[dict[str, Any]] = []
-    start = 0
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_model_state(model, ckpt["model"], ckpt_path)
-        if ckpt["config"] != config:
-            changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
-            raise ValueError(
-                f"the checkpoint {ckpt_path} was made with other hyper-parameters (checkpoint vs now: {changed}); "
-                "use another checkpoint_path, or resume=False to start afresh"
-            )
-        start = int(ckpt["epoch"])
-        if start > epochs:
-            raise ValueError(f"the checkpoint {ckpt_path} has {start} completed epochs, more than epochs={epochs}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sched_state = dict(ckpt["scheduler"])
-        sched_state["milestones"] = Counter({int(k): int(v) for k, v in sched_state["milestones"].items()})
-        scheduler.load_state_dict(sched_state)
-        _set_rng_state(_own_rng_state(ckpt, distributed), loaders)
-        history = list(ckpt["history"])
-        if log is not None and main:
-            _rewrite_log(log, history)
-    else:
-        if seed is not None:
-            seed = seed + (D.get_rank() if distributed else 0)
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
-        if log is not None and main:
-            _rewrite_log(log, [])
-    net: nn.Module = model
-    if distributed:
-        if not D.same_on_all_ranks([start]):
-            raise RuntimeError(
-                f"the processes disagree on the epoch to resume from (this one: {start}): the checkpoint "
-                f"{ckpt_path} must be visible to every process (a shared filesystem), or pass resume=False"
-            )
-        from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+def _resume(run: _Run, epochs: int) -> tuple[int, list[dict[str, Any]]]:
+    """Restore the model, optimiser, scheduler and RNG states from the checkpoint; return the number of completed
+    epochs and their metrics."""
+    path = run.checkpoint_path
+    ckpt = load_checkpoint(path)
+    _check_model_state(run.model, ckpt["model"], path)
+    if ckpt["config"] != run.config:
+        changed = {k: (ckpt["config"].get(k), v) for k, v in run.config.items() if ckpt["config"].get(k) != v}
+        raise ValueError(
+            f"the checkpoint {path} was made with other hyper-parameters (checkpoint vs now: {changed}); "
+            "use another checkpoint_path, or resume=False to start afresh"
+        )
+    start = int(ckpt["epoch"])
+    if start > epochs:
+        raise ValueError(f"the checkpoint {path} has {start} completed epochs, more than epochs={epochs}")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    sched_state = dict(ckpt["scheduler"])
+    sched_state["milestones"] = Counter({int(k): int(v) for k, v in sched_state["milestones"].items()})
+    run.scheduler.load_state_dict(sched_state)
+    _set_rng_state(_own_rng_state(ckpt, run.distributed), run.loaders)
+    return start, list(ckpt["history"])
 
-    with _modes_restored(model):
-        for epoch in range(start, epochs):
-            t0 = time.perf_counter()
-            epoch_lr = optimizer.param_groups[0]["lr"]
-            for ld in loaders:  # DistributedSampler: a new shuffle every epoch, reproducible on resumption
-                if callable(getattr(getattr(ld, "sampler", None), "set_epoch", None)):
-                    ld.sampler.set_epoch(epoch)
-            model.train()
-            total_loss = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            n = 0
-            # iter() first: tqdm.auto's asyncio variant calls iter() on what it is given, which for a DataLoader
-            # would create a second iterator (drawing from its generator and starting workers twice).
-            bar = tqdm(
-                iter(train_loader),
-                total=batch_count(train_loader, None),
-                desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not progress or not main,
-                leave=False,
-            )
-            for batch in bar:
-                inputs, targets = _unpack(batch)
-                inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                logits = net(inputs)
-                loss = loss_fn(logits, targets)
-                loss.backward()
-                optimizer.step()
-                bs = targets.shape[0]
-                total_loss += loss.detach().double() * bs
-                correct += (logits.detach().argmax(dim=1) == targets).sum()
-                n += bs
-            scheduler.step()
-            if distributed:
-                D.broadcast_buffers(model)  # DDP leaves each process with its own last BatchNorm statistics
-                total_loss, correct, n = _global_sums(total_loss, correct, n)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "lr": float(epoch_lr),
-                "train_loss": float(total_loss) / n if n else math.nan,
-                "train_accuracy": int(correct) / n if n else math.nan,
-                "train_num_samples": n,
-            }
-            if eval_loader is not None:
-                metrics = evaluate(
-                    model, eval_loader, loss_fn=loss_fn, device=device, progress=progress, distributed=distributed
-                )
-                model.train()
-                record.update(
-                    eval_loss=metrics["loss"],
-                    eval_accuracy=metrics["accuracy"],
-                    eval_num_samples=metrics["num_samples"],
-                )
-            record["seconds"] = time.perf_counter() - t0
-            history.append(record)
-            if ckpt_path is not None:
-                rng = D.gather_objects(_rng_state(loaders)) if distributed else [_rng_state(loaders)]
-                if main:
-                    ckpt = {
-                        "format": CHECKPOINT_FORMAT,
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": _plain_scheduler_state(scheduler.state_dict()),
-                        "config": config,
-                        "history": history,
-                        "rng": rng[0],
-                    }
-                    if distributed:
-                        ckpt["rng_per_rank"] = rng
-                    _atomic_write(ckpt_path, lambda f, obj=ckpt: torch.save(obj, f))
-            if log is not None and main:
-                _append_log(log, record)
-            if progress and main:
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-                tqdm.write(json.dumps(shown))
-            if distributed:
-                D.barrier()  # the checkpoint is complete before any process goes on (or returns)
-    return history
+
+def _seed_everything(seed: int | None, distributed: bool) -> None:
+    """Seed torch, numpy and python with ``seed`` (``seed + rank`` under ``torch.distributed``), if given."""
+    if seed is None:
+        return
+    seed = seed + (pg.get_rank() if distributed else 0)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _wrap_in_ddp(run: _Run, start: int) -> None:
+    """Train through :class:`~torch.nn.parallel.DistributedDataParallel`, once every process resumes at ``start``."""
+    if not pg.same_on_all_ranks([start]):
+        raise RuntimeError(
+            f"the processes disagree on the epoch to resume from (this one: {start}): the checkpoint "
+            f"{run.checkpoint_path} must be visible to every process (a shared filesystem), or pass resume=False"
+        )
+    from torch.nn.parallel import DistributedDataParallel
+
+    run.net = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
+
+
+def _train_epoch(run: _Run, epoch: int, epochs: int) -> dict[str, Any]:
+    """One epoch of SGD (0-based ``epoch``), then the evaluation: the epoch's metrics (global ones under DDP)."""
+    t0 = time.perf_counter()
+    epoch_lr = run.optimizer.param_groups[0]["lr"]
+    for ld in run.loaders:  # DistributedSampler: a new shuffle every epoch, reproducible on resumption
+        if callable(getattr(getattr(ld, "sampler", None), "set_epoch", None)):
+            ld.sampler.set_epoch(epoch)
+    total_loss, correct, n = _sgd_steps(run, desc=f"epoch {epoch + 1}/{epochs}")
+    run.scheduler.step()
+    if run.distributed:
+        pg.broadcast_buffers(run.model)  # DDP leaves each process with its own last BatchNorm statistics
+        total_loss, correct, n = _global_sums(total_loss, correct, n)
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "lr": float(epoch_lr),
+        "train_loss": float(total_loss) / n if n else math.nan,
+        "train_accuracy": int(correct) / n if n else math.nan,
+        "train_num_samples": n,
+    }
+    if run.eval_loader is not None:
+        metrics = evaluate(
+            run.model, run.eval_loader, loss_fn=run.loss_fn, device=run.device, progress=run.progress,
+            distributed=run.distributed,
+        )  # fmt: skip
+        run.model.train()
+        record.update(
+            eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"], eval_num_samples=metrics["num_samples"]
+        )
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _sgd_steps(run: _Run, desc: str) -> tuple[Tensor, Tensor, int]:
+    """One pass over the training loader in train mode, a step per batch: the sums (loss, correct, samples)."""
+    run.model.train()
+    total_loss = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    n = 0
+    # iter() first: tqdm.auto's asyncio variant calls iter() on what it is given, which for a DataLoader
+    # would create a second iterator (drawing from its generator and starting workers twice).
+    bar = tqdm(
+        iter(run.train_loader),
+        total=batch_count(run.train_loader, None),
+        desc=desc,
+        disable=not run.progress or not run.main,
+        leave=False,
+    )
+    for batch in bar:
+        inputs, targets = _unpack(batch)
+        inputs, targets = to_device(inputs, run.device), targets.to(run.device, non_blocking=True)
+        run.optimizer.zero_grad(set_to_none=True)
+        logits = run.net(inputs)
+        loss = run.loss_fn(logits, targets)
+        loss.backward()
+        run.optimizer.step()
+        bs = targets.shape[0]
+        total_loss += loss.detach().double() * bs
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        n += bs
+    return total_loss, correct, n
+
+
+def _end_epoch(run: _Run, history: list[dict[str, Any]]) -> None:
+    """Write the checkpoint and log the epoch's metrics (``history[-1]``; rank 0), then wait for every process."""
+    record = history[-1]
+    if run.checkpoint_path is not None:
+        _save_checkpoint(run, history)
+    if run.log_path is not None and run.main:
+        append_jsonl(run.log_path, record)
+    if run.progress and run.main:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+        tqdm.write(json.dumps(shown))
+    if run.distributed:
+        pg.barrier()  # the checkpoint is complete before any process goes on (or returns)
+
+
+def _save_checkpoint(run: _Run, history: list[dict[str, Any]]) -> None:
+    """Replace the checkpoint atomically, on rank 0, with the state after epoch ``history[-1]["epoch"]``; every
+    process's RNG states are gathered into it (a collective: every process calls this)."""
+    rng = pg.gather_objects(_rng_state(run.loaders)) if run.distributed else [_rng_state(run.loaders)]
+    if not run.main:
+        return
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": history[-1]["epoch"],
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": _plain_scheduler_state(run.scheduler.state_dict()),
+        "config": run.config,
+        "history": history,
+        "rng": rng[0],
+    }
+    if run.distributed:
+        ckpt["rng_per_rank"] = rng
+    save_torch(ckpt, run.checkpoint_path)
 
 
 def _own_rng_state(ckpt: Mapping[str, Any], distributed: bool) -> Mapping[str, Any]:
@@ -579,12 +642,12 @@ def _own_rng_state(ckpt: Mapping[str, Any], distributed: bool) -> Mapping[str, A
     per_rank = ckpt.get("rng_per_rank")
     if not distributed:
         return ckpt["rng"]
-    if per_rank is not None and len(per_rank) == D.get_world_size():
-        return per_rank[D.get_rank()]
+    if per_rank is not None and len(per_rank) == pg.get_world_size():
+        return per_rank[pg.get_rank()]
     warnings.warn(
         f"the checkpoint holds RNG states of {len(per_rank) if per_rank else 1} process(es), this run has "
-        f"{D.get_world_size()}: every process resumes from rank 0's, so the resumed run may differ from an "
+        f"{pg.get_world_size()}: every process resumes from rank 0's, so the resumed run may differ from an "
         "uninterrupted one",
-        stacklevel=3,
+        stacklevel=4,  # the caller of fine_tune (via _resume)
     )
     return ckpt["rng"]

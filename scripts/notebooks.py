@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import papermill
 import yaml
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
+
+from oba.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -69,9 +70,7 @@ def run(args: argparse.Namespace) -> None:
         papermill.execute_notebook(
             str(nb), str(target), parameters=params, cwd=str(NOTEBOOKS), progress_bar=True, kernel_name="python3"
         )
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(params))
-        os.replace(tmp, marker)
+        write_json(marker, params)  # atomic: a marker is whole or absent
         print(f"[oba] {nb.stem}: done in {time.perf_counter() - start:.0f} s -> {target}", flush=True)
 
 

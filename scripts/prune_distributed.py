@@ -19,7 +19,6 @@ use torchrun's --nnodes/--rdzv-endpoint and an output folder every machine can r
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -31,10 +30,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import oba.data
+import oba.io
 import oba.models
 from oba import distributed as D
-from oba.eigendamage import eigenbasis_ignored_layers, to_eigenbasis
-from oba.prune import STRUCTURED_CRITERIA, prune_structured, save_pruned
+from oba.criteria import names
+from oba.prune import prune_structured, save_pruned
 from oba.train import evaluate, fine_tune
 
 
@@ -68,9 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trivial-augment", action="store_true", help="ImageNet training: add TrivialAugmentWide")
     p.add_argument(
         "--criterion",
-        choices=STRUCTURED_CRITERIA,
+        choices=names("structured"),
         default="oba",
-        help="pruning criterion (oba.prune.make_scorer; eigendamage reparametrises the layers first)",
+        help="pruning criterion (oba.criteria; eigendamage reparametrises the layers first)",
     )
     p.add_argument(
         "--terms",
@@ -168,15 +168,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = {"terms": tuple(args.terms)} if args.terms else {}
     scorer = D.distributed_scorer(args.criterion, F.cross_entropy, progress=args.progress and main_process, **options)
     example = torch.zeros(1, *oba.models.get_spec(args.model).input_shape, device=device)
-    extra = {}
-    if args.criterion == "eigendamage":  # as prune_eigendamage: FLOPs against the dense model, eigen-channels only
-        extra["reference"] = copy.deepcopy(model)
-        to_eigenbasis(model)
-        extra["ignored_layers"] = eigenbasis_ignored_layers(model)
-    model, history = prune_structured(
+    model, history = prune_structured(  # eigendamage: reparametrised here, FLOPs against the dense model
         model, example, scorer, keep_flops=args.keep_flops, steps=args.steps, batches=batches,
         batches_per_step=args.batches_per_step, score_mode=args.score_mode, progress=args.progress and main_process,
-        **extra,
     )  # fmt: skip
     D.check_same_model(model, "pruned model")  # every process removed the same channels
     pruned = evaluate(model, test_loader, progress=False)
@@ -206,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if main_process:
             save_pruned(model, args.out / "fine_tuned.pt", args.model)
     if main_process:
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        oba.io.write_json(args.out / "summary.json", summary, indent=1)
         print(json.dumps({k: v for k, v in summary.items() if k != "widths"}))
     D.barrier()  # rank 0's files are written before any process exits
     return summary

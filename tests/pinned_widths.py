@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import oba
+import oba.criteria
 import oba.models
 
 PATH = Path(__file__).parent / "data" / "pinned_widths.json"
@@ -56,17 +57,10 @@ def pruned_widths(model_name: str, preset: str) -> dict[str, int]:
     criterion, options = CRITERIA[preset]
     x = torch.zeros(1, *shape, dtype=torch.float64)
     data = batches(shape)
-    if criterion == "eigendamage":
-        from oba.eigendamage import prune_eigendamage
-
-        model, history = prune_eigendamage(
-            model, x, loss_fn=F.cross_entropy, batches=data, keep_flops=0.6, steps=2, batches_per_step=2, progress=False
-        )
-    else:
-        scorer = oba.prune.make_scorer(criterion, F.cross_entropy, **options)
-        model, history = oba.prune_structured(
-            model, x, scorer, keep_flops=0.6, steps=2, batches=data, batches_per_step=2, progress=False
-        )
+    scorer = oba.criteria.make_scorer(criterion, F.cross_entropy, **options)
+    model, history = oba.prune_structured(
+        model, x, scorer, keep_flops=0.6, steps=2, batches=data, batches_per_step=2, progress=False
+    )
     last = history[-1]
     heads = {f"heads:{k}": int(v) for k, v in last["heads"].items()}
     return {**{k: int(v) for k, v in last["widths"].items()}, **heads}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from oba import data as D
 from oba.data import archives
 from oba.data import normalization as norm
+from oba.io import DamagedFileError
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -372,6 +373,22 @@ def test_extract_archive_once_and_safely(tmp_path: Path) -> None:
         D.extract_archive(evil, cache)
     assert not (tmp_path / "escaped.txt").exists()
     assert [p.name for p in cache.iterdir()] == [root.name]
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.5, 0.9])
+def test_a_truncated_archive_is_named_with_how_to_get_it_again(tmp_path: Path, keep: float) -> None:
+    archive, _ = _tiny_folder_archive(tmp_path / "tiny.tar.gz")
+    archive.write_bytes(archive.read_bytes()[: int(archive.stat().st_size * keep)])  # a download cut short
+    cache = tmp_path / "cache"
+    for read in (
+        lambda: D.decode_image_folder(archive, ("train", "test"), cache_dir=cache, progress=False),
+        lambda: D.extract_archive(archive, cache),
+    ):
+        with pytest.raises(DamagedFileError) as info:
+            read()
+        message = str(info.value)
+        assert str(archive) in message and "damaged" in message and "get it again" in message
+    assert list(cache.iterdir()) == []  # neither a cache file nor a partly extracted folder
 
 
 # --------------------------------------------------------------------------------------------------

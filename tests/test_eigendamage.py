@@ -12,20 +12,19 @@ import torch_pruning as tp
 from torch import nn
 
 import oba.models
+from oba.criteria import make_scorer
 from oba.eigendamage import (
     EigenbasisLayer,
     channel_input_factor,
     eigenbasis_ignored_layers,
     eigenbasis_layers,
     eigendamage_costs,
-    make_eigendamage_scorer,
-    prune_eigendamage,
     to_eigenbasis,
 )
 from oba.experiments import ResultLog, prune_and_fine_tune, structured_sweep
 from oba.flops import count_flops
 from oba.kfac import kfac_factors
-from oba.prune import layer_widths, load_pruned, save_pruned
+from oba.prune import layer_widths, load_pruned, prune_structured, save_pruned
 from oba.toynets import make_case
 
 SMALL = (3, 8, 8)  # CIFAR ResNets run at any resolution; 8x8 keeps these tests fast
@@ -137,7 +136,7 @@ def test_the_importance_is_half_w_squared_times_the_eigenvalues_of_the_dense_fac
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     dense = kfac_factors(model, F.cross_entropy, [(x, y)], layers=convs, sampled=True, progress=False)
     kfe = to_eigenbasis(copy.deepcopy(model))  # identity rotations: the scorer rotates into the KFE
-    imp = make_eigendamage_scorer(F.cross_entropy, normalizer=None)(kfe, [(x, y)])
+    imp = make_scorer("eigendamage", F.cross_entropy, normalizer=None)(kfe, [(x, y)])
     dg = tp.DependencyGraph().build_dependency(kfe, example_inputs=x)
     scores = {}
     for group in dg.get_all_groups(eigenbasis_ignored_layers(kfe), (nn.Conv2d, nn.Linear)):
@@ -171,7 +170,7 @@ def test_scoring_keeps_the_function_batchnorm_statistics_and_leaves_no_hooks():
     kfe.eval()
     before = kfe(x)
     kfe.train()
-    make_eigendamage_scorer(F.cross_entropy)(kfe, [(x, y)])
+    make_scorer("eigendamage", F.cross_entropy)(kfe, [(x, y)])
     assert all(torch.equal(kfe.state_dict()[k], v) for k, v in stats.items())
     assert no_hooks(kfe)
     kfe.eval()
@@ -182,9 +181,9 @@ def test_scoring_keeps_the_function_batchnorm_statistics_and_leaves_no_hooks():
 def test_resnet20_prunes_eigen_channels_to_60_percent_of_the_dense_flops_and_reloads(tmp_path):
     dense = resnet20()
     example = torch.zeros(1, *SMALL)
-    model, history = prune_eigendamage(
-        copy.deepcopy(dense), example, loss_fn=F.cross_entropy, batches=batches(1), keep_flops=0.6, steps=1,
-        batches_per_step=1, progress=False,
+    model, history = prune_structured(
+        copy.deepcopy(dense), example, "eigendamage", loss_fn=F.cross_entropy, batches=batches(1), keep_flops=0.6,
+        steps=1, batches_per_step=1, progress=False,
     )  # fmt: skip
     assert count_flops(model, example).macs > 0
     kept = count_flops(model, example).macs / count_flops(dense, example).macs
@@ -204,7 +203,7 @@ def test_resnet20_prunes_eigen_channels_to_60_percent_of_the_dense_flops_and_rel
     x = batches(1, 4)[0][0]
     path = tmp_path / "ed.pt"
     save_pruned(model, path, "resnet20")
-    assert torch.load(path, weights_only=True)["eigenbasis_layers"] == list(kfe)
+    assert torch.load(path, weights_only=True)["prepared"] == {"eigenbasis_layers": list(kfe)}
     loaded = load_pruned(path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
@@ -219,10 +218,10 @@ def test_unsupported_layers_and_plain_models_fail_with_what_to_do():
     with pytest.raises(ValueError, match="no K-FAC factors"):
         to_eigenbasis(single_linear(), {})
     with pytest.raises(ValueError, match="to_eigenbasis"):
-        make_eigendamage_scorer(F.cross_entropy)(single_linear(), [])
+        make_scorer("eigendamage", F.cross_entropy)(single_linear(), [])
     with pytest.raises(ValueError, match="ignored_layers"):
-        prune_eigendamage(single_linear(), torch.zeros(1, 6), loss_fn=F.cross_entropy, batches=[], keep_flops=0.5,
-                          ignored_layers=[])  # fmt: skip
+        prune_structured(single_linear(), torch.zeros(1, 6), "eigendamage", loss_fn=F.cross_entropy, batches=[],
+                         keep_flops=0.5, ignored_layers=[])  # fmt: skip
     layer = EigenbasisLayer.from_layer(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="current model"):
         layer.rotate_(torch.eye(4), torch.eye(2))

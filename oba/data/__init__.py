@@ -22,8 +22,9 @@ Caching
     Small-image archives (CIFAR JPEGs) are decoded once, straight from the tar, and the decoded ``uint8``
     arrays are cached as an ``.npz`` file (loaded with ``allow_pickle=False``); large-image archives
     (Imagenette) are extracted once. Both live in the cache directory (:func:`resolve_cache_dir`), are
-    written atomically (temporary name, then :func:`os.replace`/:func:`os.rename`) and are keyed by the
-    source's name, size and modification time, so a changed archive is decoded again.
+    written atomically (:func:`oba.io.atomic_write`; a temporary folder, then :func:`os.rename`) and are
+    keyed by the source's name, size and modification time, so a changed archive is decoded again. A
+    truncated or corrupt archive raises :class:`oba.io.DamagedFileError` naming it.
 
 Determinism
     :func:`loader` builds a :class:`~torch.utils.data.DataLoader` driven by one seeded
@@ -31,6 +32,8 @@ Determinism
     it to the dataset (:class:`SeededIndex`), so random augmentation depends only on the loader's seed and
     the epoch -- not on the global RNG, nor on ``num_workers``. Saving and restoring
     ``loader.generator.get_state()`` (as :func:`oba.train.fine_tune` does) resumes the exact stream.
+    :func:`distributed_loader` gives each process of a :mod:`torch.distributed` group its part of the data
+    (:class:`DistributedSeededSampler`; the same per-sample seeds whatever the number of processes).
 
 Modules
     :mod:`~oba.data.paths` (data and cache directories, :class:`DatasetNotFoundError`),
@@ -55,7 +58,7 @@ from .cifar import (
 )
 from .datasets import ImageFolderDataset, SeededIndex, SubsetDataset, TensorImageDataset, subset
 from .imagenet import IMAGENETTE_TO_IMAGENET, IMAGENETTE_WNIDS, imagenet_folder, imagenette_val
-from .loading import SeededSampler, loader
+from .loading import DistributedSeededSampler, SeededSampler, distributed_loader, loader
 from .mnist_idx import mnist, read_idx
 from .normalization import NORMALIZATION, resolve_normalization
 from .paths import CACHE_ENV_VAR, ENV_VAR, DatasetNotFoundError, resolve_cache_dir, resolve_data_dir
@@ -68,6 +71,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DatasetNotFoundError",
     "DecodedSplit",
+    "DistributedSeededSampler",
     "ENV_VAR",
     "IMAGENETTE_TO_IMAGENET",
     "IMAGENETTE_WNIDS",
@@ -83,6 +87,7 @@ __all__ = [
     "cifar10_lossless_test",
     "cifar10_original_labels",
     "decode_image_folder",
+    "distributed_loader",
     "extract_archive",
     "imagenet_folder",
     "imagenet_transform",

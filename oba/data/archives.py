@@ -1,11 +1,16 @@
-"""Image archives: decode-once ``.npz`` caches, one-time extraction, atomic writes, cache keys."""
+"""Image archives: decode-once ``.npz`` caches, one-time extraction, atomic writes, cache keys.
+
+A truncated or corrupt archive raises :class:`oba.io.DamagedFileError` naming it and saying to get it again.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import hashlib
 import io
+import lzma
 import os
 import re
 import shutil
@@ -13,13 +18,16 @@ import tarfile
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from oba.io import DamagedFileError, atomic_write
 
 from .datasets import IMG_EXTENSIONS, natural_key
 from .paths import DatasetNotFoundError, PathLike, resolve_cache_dir
@@ -34,6 +42,18 @@ __all__ = [
 _CACHE_FORMAT = 1
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
+
+#: What reading a truncated or corrupt (compressed) tar raises; tarfile's FilterError (a refused member) is no damage.
+_DAMAGED_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+_REFUSED_MEMBER_ERRORS = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4
+
+
+def _damaged_archive(archive: Path, err: BaseException) -> DamagedFileError:
+    return DamagedFileError(
+        f"the archive {archive} is damaged (truncated or corrupt: {type(err).__name__}: {err}) and cannot be read. "
+        "Delete it and get it again -- download or copy it anew (data/README.md in the oba project says where "
+        "each archive comes from)."
+    )
 
 
 def _stem(path: Path) -> str:
@@ -58,22 +78,6 @@ def _source_key(path: Path, *extra: object) -> str:
         st = path.stat()
         h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write an uncompressed ``.npz`` so that ``path`` is either absent or complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _decode_one(blob: bytes, mode: str) -> np.ndarray:
@@ -122,18 +126,23 @@ def _iter_encoded_images(source: Path, splits: Sequence[str]) -> Iterator[tuple[
                     if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(exts):
                         yield split, cls, e.name, Path(e.path).read_bytes()
         return
-    with tarfile.open(source, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = [p for p in member.name.replace("\\", "/").split("/") if p not in ("", ".")]
-            if len(parts) < 3 or parts[-3] not in wanted or any(p.startswith(".") for p in parts[-3:]):
-                continue
-            if not parts[-1].lower().endswith(exts):
-                continue
-            f = tar.extractfile(member)
-            if f is not None:
-                yield parts[-3], parts[-2], parts[-1], f.read()
+    try:
+        # "r:" rather than the stream mode "r|": as fast (members are read in order), and a compressed archive cut
+        # short raises wherever it ends -- the stream mode silently stops at a cut between two members.
+        with tarfile.open(source, mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = [p for p in member.name.replace("\\", "/").split("/") if p not in ("", ".")]
+                if len(parts) < 3 or parts[-3] not in wanted or any(p.startswith(".") for p in parts[-3:]):
+                    continue
+                if not parts[-1].lower().endswith(exts):
+                    continue
+                f = tar.extractfile(member)
+                if f is not None:
+                    yield parts[-3], parts[-2], parts[-1], f.read()
+    except _DAMAGED_ARCHIVE_ERRORS as err:
+        raise _damaged_archive(source, err) from err
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,7 @@ def decode_image_folder(
 ) -> dict[str, DecodedSplit]:
     """Decode every image of ``<split>/<class>/<file>`` in a tar archive or folder, once, with a cache.
 
-    ``source`` is a tar (any compression; read as a stream, nothing is extracted) or a directory. Members
+    ``source`` is a tar (any compression; read in order, nothing is extracted) or a directory. Members
     may sit under a common top-level folder. The first call decodes everything with PIL and writes the
     arrays atomically to ``<cache_dir>/<name>.<splits>.<mode>-<key>.npz`` (key: source name, size, mtime,
     splits, mode); later calls load that file with ``allow_pickle=False``. Stale cache files of the same
@@ -215,7 +224,7 @@ def decode_image_folder(
         arrays[f"{split}.classes"] = np.array(classes, dtype=str)
         arrays[f"{split}.files"] = np.array([f"{c}/{n}" for c, n, _ in items], dtype=str)
     arrays["splits"] = np.array(present, dtype=str)
-    _atomic_savez(path, arrays)
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # either absent or complete
     prefix = _cache_prefix(source, splits, mode)
     for old in cache.glob(f"{glob.escape(prefix)}-*.npz"):  # stale copies of this source (same splits, mode)
         if old != path and re.fullmatch(re.escape(prefix) + r"-[0-9a-f]{16}\.npz", old.name):
@@ -270,12 +279,17 @@ def extract_archive(archive: PathLike, cache_dir: PathLike | None = None, *, dat
         return dest
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            members = list(_safe_members(tar, tmp))
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(tmp, members=members, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4
-                tar.extractall(tmp, members=members)
+        try:
+            with tarfile.open(archive, mode="r:*") as tar:
+                members = list(_safe_members(tar, tmp))
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(tmp, members=members, filter="data")
+                else:  # pragma: no cover - Python < 3.11.4
+                    tar.extractall(tmp, members=members)
+        except _REFUSED_MEMBER_ERRORS:
+            raise
+        except _DAMAGED_ARCHIVE_ERRORS as err:
+            raise _damaged_archive(archive, err) from err
         tmp.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
         try:
             os.rename(tmp, dest)

@@ -1,9 +1,9 @@
 """Safe, strict checkpoint loading.
 
-Every checkpoint is read with ``torch.load(..., weights_only=True)``: the unpickler only rebuilds
-tensors, containers and primitive types, plus the few classes a caller allowlists explicitly
-(for example the optimizer *class* object pickled inside the MNIST MLPNet checkpoint). Arbitrary
-code in a checkpoint therefore never runs.
+Every checkpoint is read with ``torch.load(..., weights_only=True)`` (through :func:`oba.io.load_torch`):
+the unpickler only rebuilds tensors, containers and primitive types, plus the few classes a caller
+allowlists explicitly (for example the optimizer *class* object pickled inside the MNIST MLPNet
+checkpoint). Arbitrary code in a checkpoint therefore never runs.
 
 Loading into a model is always strict. Instead of PyTorch's generic message, a mismatch raises
 :class:`CheckpointError` naming the file, the format that was expected, and every missing key,
@@ -13,13 +13,13 @@ unexpected key and shape mismatch.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from oba.io import DamagedFileError, UnsafeCheckpointError, load_torch
 
 __all__ = [
     "CheckpointError",
@@ -57,30 +57,17 @@ def read_torch_file(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is not a torch checkpoint, is truncated or corrupt, or needs
-            a global that is not allowlisted.
+            a global that is not allowlisted (the message of :func:`oba.io.load_torch`'s
+            :class:`~oba.io.DamagedFileError` or :class:`~oba.io.UnsafeCheckpointError`, which
+            says what to do).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        AttributeError,
-        TypeError,
-        IndexError,
-    ) as err:
-        raise CheckpointError(
-            f"could not read {path} as a PyTorch checkpoint (expected {expected}); "
-            f"the file is corrupt, truncated, not a torch.save file, or references a class "
-            f"that is not allowlisted. torch.load said: {_essence(err)}"
-        ) from err
+        return load_torch(path, what="checkpoint", safe_globals=tuple(allowed_globals))
+    except (DamagedFileError, UnsafeCheckpointError) as err:
+        raise CheckpointError(f"could not read {path} as a PyTorch checkpoint (expected {expected}): {err}") from err
 
 
 def get_entry(obj: Any, key: str, *, path: str | os.PathLike, expected: str) -> Any:
@@ -184,21 +171,6 @@ def _batchnorm_counters(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.num_batches_tracked is not None
     ]
-
-
-def _essence(err: BaseException) -> str:
-    """The informative line of a ``torch.load`` error (its unpickler line when there is one).
-
-    Weights-only failures start with generic advice to retry with ``weights_only=False``, which
-    must not be followed; the line naming the actual problem comes later.
-    """
-    message = str(err)
-    marker = "WeightsUnpickler error:"
-    if marker in message:
-        detail = message.split(marker, 1)[1].split("Check the documentation", 1)[0]
-        return f"{type(err).__name__}: {marker} {' '.join(detail.split())}"
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _preview(items: Iterable[Any]) -> str:

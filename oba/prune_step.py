@@ -1,0 +1,221 @@
+r"""One step of structured pruning: rank the units of every DepGraph group, remove the cheapest until the step's
+target is met (:func:`prune_step`).
+
+Every group yields one score per unit -- a channel, or a whole attention head when the group holds the q/k/v
+projections of an attention layer (``num_heads``) -- and the units are ranked globally (``global_ranking=True``,
+scores normalised within their group by the importance) or per group (each group loses the same fraction of its
+units). The lowest-ranked units are removed in chunks, re-measuring the kept fraction after each chunk, until the
+step target is met; a chunk never takes a layer below ``1 - max_channel_sparsity`` of its initial channels (nor
+below one channel or head), and ``round_to`` keeps widths multiples of it. Every chunk removes at least one unit
+and the number of units is finite, so a step always ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+__all__ = ["StepContext", "prune_step", "rank_units", "remove_until"]
+
+
+@dataclass
+class StepContext:
+    """What stays fixed from step to step of one pruning run."""
+
+    dg: tp.DependencyGraph
+    names: Mapping[nn.Module, str]  # module -> qualified name
+    ignored: list[nn.Module]  # layers whose output channels stay
+    root_types: tuple[type, ...]  # module types that root a group
+    initial_width: Mapping[nn.Module, int]  # root -> channels at the start (the floor is a fraction of it)
+    num_heads: dict[nn.Module, int]  # q/k/v projection -> heads (updated as heads go)
+    max_sparsity: float
+    global_ranking: bool
+    kind: str  # "flops", "params" or "channels"
+    dense_total: float  # the dense model's MACs, parameters or channels
+
+
+def prune_step(
+    ctx: StepContext,
+    importance: Callable[[Any], Tensor | None],
+    step_target: float,
+    kept: Callable[[], float],
+    round_to: int | None,
+    macs: Mapping[str, int],
+) -> int:
+    """Remove the lowest-ranked units of the model of ``ctx.dg`` until ``kept() <= step_target`` (or nothing
+    removable is left); returns the channels removed. ``macs``: MACs per module of the current model (``kind ==
+    "flops"``), for the predicted cost of each unit."""
+    groups, units = rank_units(ctx, importance, macs)
+    return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept)
+
+
+@dataclass
+class _Group:
+    """One prunable group of the current step: its root, the root channels still alive, and its units."""
+
+    root: nn.Module
+    handler: Callable
+    alive: list[int]  # root channel indices (numbering at step start) still present
+    min_channels: int  # the root may not go below this
+    unit_size: int  # 1 for channels, head width for heads
+    heads_of: list[nn.Module] = field(default_factory=list)  # q/k/v layers when units are heads
+
+
+@dataclass(order=True)
+class _Unit:
+    key: float
+    group: int = field(compare=False)
+    channels: tuple[int, ...] = field(compare=False)
+    cost: float = field(compare=False, default=0.0)  # predicted drop of the kept fraction when it goes
+
+
+def _channel_cost(
+    dg: tp.DependencyGraph, group: Any, kind: str, macs: Mapping[str, int], names: Mapping[nn.Module, str]
+) -> float:
+    """Predicted MACs (``kind="flops"``) or parameters (``"params"``) one root channel of ``group`` carries.
+
+    MACs: each conv/linear of the group loses ``macs(layer) / width`` along the pruned dimension; parameters:
+    each parameter of a member layer loses one slice along it (a conv/linear bias only with its output).
+    A prediction only: the loop measures the real cost after every chunk.
+    """
+    total = 0.0
+    for dep, _ in group:
+        layer, out = dep.target.module, dg.is_out_channel_pruning_fn(dep.handler)
+        if isinstance(layer, nn.Parameter):
+            total += layer.numel() / layer.shape[dep.target.pruning_dim] if kind == "params" else 0.0
+            continue
+        dense_layer = isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear))
+        if kind == "flops":
+            if dense_layer:
+                width = dg.get_out_channels(layer) if out else dg.get_in_channels(layer)
+                total += macs.get(names.get(layer, ""), 0) / max(1, width or 1)
+            continue
+        for pname, p in layer.named_parameters(recurse=False):
+            if dense_layer and not out and pname == "bias":
+                continue
+            dim = 0 if out or p.dim() == 1 else 1
+            total += p.numel() / p.shape[dim]
+    return total
+
+
+def _head_extra_macs(q: nn.Module, macs: Mapping[str, int], names: Mapping[nn.Module, str], heads: int) -> float:
+    """MACs per head of an attention module outside its projections (the ``QK^T`` and ``AV`` products)."""
+    attn = names[q].rpartition(".")[0]
+    children = sum(v for k, v in macs.items() if k.startswith(attn + ".") and "." not in k[len(attn) + 1 :])
+    return max(0, macs.get(attn, 0) - children) / heads
+
+
+def rank_units(
+    ctx: StepContext, importance: Callable[[Any], Tensor | None], macs: Mapping[str, int]
+) -> tuple[list[_Group], list[_Unit]]:
+    """Every prunable group of the current model with its units (channels or whole heads), and all units in
+    removal order: by normalised score (global ranking) or by rank within their group (``global_ranking=False``),
+    each with its predicted cost (fraction of the dense total) and the floor its group may not go below."""
+    groups: list[_Group] = []
+    units: list[_Unit] = []
+    for group in ctx.dg.get_all_groups(ignored_layers=ctx.ignored, root_module_types=ctx.root_types):
+        imp = importance(group)
+        if imp is None:
+            continue
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        n = len(group[0].idxs)
+        if len(imp) != n:
+            raise RuntimeError(f"the importance returned {len(imp)} scores for a group of {n} channels")
+        heads_of = [
+            d.target.module
+            for d, _ in group
+            if d.target.module in ctx.num_heads and ctx.dg.is_out_channel_pruning_fn(d.handler)
+        ]
+        init = ctx.initial_width.get(root, n)
+        if heads_of:
+            h = ctx.num_heads[heads_of[0]]
+            size = n // h
+            scores = imp.detach().double().reshape(h, size).mean(1)  # per channel, comparable with channel units
+            min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
+            extra = _head_extra_macs(heads_of[0], macs, ctx.names, h) if ctx.kind == "flops" else 0.0
+        else:
+            size = 1
+            scores = imp.detach().double()
+            min_channels = max(1, math.ceil(init * (1 - ctx.max_sparsity)))
+            extra = 0.0
+        per_channel = 1.0 if ctx.kind == "channels" else _channel_cost(ctx.dg, group, ctx.kind, macs, ctx.names)
+        cost = (size * per_channel + extra) / ctx.dense_total
+        gi = len(groups)
+        groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of))
+        order = torch.argsort(scores)
+        for rank, u in enumerate(order.tolist()):
+            key = float(scores[u]) if ctx.global_ranking else (rank + 1) / len(order)
+            units.append(_Unit(key, gi, tuple(range(u * size, (u + 1) * size)), cost))
+    units.sort()
+    return groups, units
+
+
+def _round_removal(group: _Group, chosen: list[int], pending: list[int], round_to: int | None) -> list[int]:
+    """Adjust ``chosen`` (root channels to drop) so the group's width stays a multiple of ``round_to``: add the
+    group's next-ranked ``pending`` channels, or, where that would cross the group's floor, drop fewer."""
+    if not round_to or group.unit_size > 1:
+        return chosen
+    extra = (len(group.alive) - len(chosen)) % round_to
+    grown = chosen + pending[:extra]
+    if len(grown) == len(chosen) + extra and len(group.alive) - len(grown) >= group.min_channels:
+        return grown
+    return chosen[: max(0, len(chosen) - (round_to - extra))]
+
+
+def remove_until(
+    dg: tp.DependencyGraph,
+    groups: list[_Group],
+    units: list[_Unit],
+    heads: dict[nn.Module, int],
+    round_to: int | None,
+    step_target: float,
+    kept: Callable[[], float],
+) -> int:
+    """Remove the lowest-ranked units in chunks until ``kept() <= step_target``; returns the channels removed.
+
+    Each chunk takes units in rank order until their predicted cost covers 70 % of the remaining gap (at
+    least one unit), so the target is approached from above with a few real measurements; a unit that
+    would take its group below the floor is skipped for the rest of the step.
+    """
+    removed = 0
+    value = kept()
+    queue = list(units)
+    while value > step_target + 1e-12 and queue:
+        budget = 0.7 * (value - step_target)
+        chosen: dict[int, list[int]] = {}
+        spent, rest = 0.0, []
+        for unit in queue:
+            g = groups[unit.group]
+            picked = chosen.setdefault(unit.group, [])
+            if len(g.alive) - len(picked) - len(unit.channels) < g.min_channels:
+                continue  # blocked by the floor, now and later (groups only shrink)
+            if spent == 0.0 or spent + unit.cost <= budget:
+                picked.extend(unit.channels)
+                spent += max(unit.cost, 1e-12)
+            else:
+                rest.append(unit)
+        if spent == 0.0:
+            break
+        for gi, channels in chosen.items():
+            g = groups[gi]
+            pending = [c for u in rest if u.group == gi for c in u.channels]
+            channels = _round_removal(g, channels, pending, round_to)
+            if not channels:
+                continue
+            gone = set(channels)
+            rest = [u for u in rest if not (u.group == gi and gone.intersection(u.channels))]
+            position = {c: i for i, c in enumerate(g.alive)}
+            dg.get_pruning_group(g.root, g.handler, sorted(position[c] for c in channels)).prune()
+            g.alive = [c for c in g.alive if c not in gone]
+            for layer in g.heads_of:
+                heads[layer] -= len(channels) // g.unit_size
+            removed += len(channels)
+        queue = rest
+        value = kept()
+    return removed
