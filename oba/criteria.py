@@ -296,6 +296,7 @@ def score(
     max_batches: int | None = None,
     absolute: bool = False,
     progress: bool = True,
+    skip_nonfinite: bool = False,
     **options: Any,
 ) -> Params:
     """Importance of every selected parameter under ``criterion``, averaged over ``batches`` (``oba.score``).
@@ -309,6 +310,8 @@ def score(
         max_batches: use at most this many batches.
         absolute: return ``|s|`` per parameter instead of the signed score.
         progress: a tqdm progress bar over the batches.
+        skip_nonfinite: leave out batches whose scores are NaN/inf (with a warning) instead of raising
+            :class:`oba.importance.NonFiniteScoreError` (which names the batch and the first affected parameter).
         options: per criterion -- ``magnitude``: ``p`` (1 or 2, default 1); ``obd_fisher``: ``fisher``
             (``"per_sample"`` default, or ``"per_batch"``), ``chunk_size``; ``obd_hessian``: ``method``
             (``"auto"``, ``"exact"``, ``"hutchinson"``), ``samples`` (probes per batch, default 16),
@@ -326,8 +329,9 @@ def score(
     if c.data_free is not None:
         return c.data_free(model, params, **options)
     totals, count = score_sums(
-        model, loss_fn, batches, criterion, params=params, max_batches=max_batches, progress=progress, **options
-    )
+        model, loss_fn, batches, criterion, params=params, max_batches=max_batches, progress=progress,
+        skip_nonfinite=skip_nonfinite, **options,
+    )  # fmt: skip
     if count == 0:
         raise ValueError("batches is empty: no data to score with")
     out = OrderedDict((n, t / count) for n, t in totals.items())
@@ -343,6 +347,7 @@ def score_sums(
     params=None,
     max_batches: int | None = None,
     progress: bool = True,
+    skip_nonfinite: bool = False,
     **options: Any,
 ) -> tuple[Params, int]:
     r"""The sum over ``batches`` of the per-batch scores of a data-dependent criterion, and the number of batches.
@@ -359,7 +364,7 @@ def score_sums(
         raise ValueError(f"criterion {criterion!r} needs data: pass loss_fn and batches (an iterable of (x, y))")
     return importance.accumulate(
         model, loss_fn, batches, c.per_batch, params=params, max_batches=max_batches, progress=progress,
-        desc=f"score [{criterion}]", setup=c.setup, **options, **c.fixed,
+        desc=f"score [{criterion}]", setup=c.setup, skip_nonfinite=skip_nonfinite, **options, **c.fixed,
     )  # fmt: skip
 
 

@@ -97,6 +97,8 @@ def select_params(model: nn.Module, params: Iterable[str | Tensor] | Mapping[str
     listing what is available.
     """
     named = OrderedDict(model.named_parameters())
+    if isinstance(params, str):
+        raise TypeError(f"params must be a list of parameter names, not a string: write params=[{params!r}]")
     if params is None:
         chosen = [n for n, p in named.items() if p.requires_grad]
     else:

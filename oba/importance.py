@@ -48,6 +48,7 @@ updates, no hooks left, ``.grad`` untouched); see :func:`oba.curvature.curvature
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -69,7 +70,22 @@ from oba.curvature import (
 )
 from oba.decompose import TERMS, HessianDecomposition
 
-__all__ = ["PerBatchScore", "accumulate", "magnitude", "oba", "oba_setup", "obd_fisher", "obd_hessian", "taylor"]
+__all__ = [
+    "NonFiniteScoreError",
+    "PerBatchScore",
+    "accumulate",
+    "magnitude",
+    "oba",
+    "oba_setup",
+    "obd_fisher",
+    "obd_hessian",
+    "taylor",
+]
+
+
+class NonFiniteScoreError(ValueError):
+    """A batch gave NaN or infinite scores (a NaN/inf input, a diverged model, an overflow)."""
+
 
 PerBatchScore = Callable[..., Params]
 """``per_batch(model, loss_fn, batch, theta, *, generator, **options) -> Params``: one batch's scores."""
@@ -93,6 +109,7 @@ def accumulate(
     progress: bool = True,
     desc: str = "score",
     setup: Callable[..., dict[str, Any]] | None = None,
+    skip_nonfinite: bool = False,
     **options: Any,
 ) -> tuple[Params, int]:
     r"""The sum over ``batches`` of ``per_batch`` scores, and the number of batches.
@@ -102,8 +119,20 @@ def accumulate(
     all-reduces sums and counts and divides afterwards). ``setup(model, loss_fn, theta, options) -> options``
     runs once before the first batch (e.g. :func:`oba_setup` traces the decomposition once for every batch).
     Empty ``batches`` give zeros and a count of 0 (no error); ``options`` go to ``per_batch``.
+
+    A batch whose scores are not all finite raises :class:`NonFiniteScoreError` naming the batch (its index in
+    ``batches``) and the first affected parameter; with ``skip_nonfinite=True`` such batches are left out (and
+    not counted) with a warning instead.
     """
+    whole = isinstance(max_batches, int) and not isinstance(max_batches, bool)
+    if max_batches is not None and not (whole and max_batches >= 1):
+        raise ValueError(f"max_batches must be None or a whole number >= 1, got {max_batches!r}")
     theta = select_params(model, params)
+    if any(t.is_meta for t in theta.values()):
+        raise ValueError(
+            "the model's parameters are on the meta device and hold no values: materialise and load it first "
+            "(e.g. model.to_empty(device='cpu') then model.load_state_dict(...))"
+        )
     device = next(iter(theta.values())).device
     totals: Params = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
     count = 0
@@ -112,9 +141,19 @@ def accumulate(
     generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
     if setup is not None:
         options = setup(model, loss_fn, theta, options)
-    for batch in tqdm(stream, total=total_batches, desc=desc, disable=not progress):
+    for index, batch in enumerate(tqdm(stream, total=total_batches, desc=desc, disable=not progress)):
         batch = to_device(batch, device)  # a malformed batch is reported by the curvature functions
         s = per_batch(model, loss_fn, batch, theta, generator=generator, **options)
+        bad = next((n for n, t in s.items() if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            message = (
+                f"batch {index} gave non-finite (NaN or inf) {desc} scores, first in {bad!r}: check that batch for "
+                "NaN/inf inputs or labels, and the model for diverged weights"
+            )
+            if not skip_nonfinite:
+                raise NonFiniteScoreError(message + "; pass skip_nonfinite=True to leave such batches out")
+            warnings.warn(message + "; left out (skip_nonfinite=True)", RuntimeWarning, stacklevel=2)
+            continue
         totals = s if count == 0 else OrderedDict((n, totals[n] + s[n]) for n in totals)
         count += 1
     return totals, count

@@ -53,6 +53,7 @@ from oba.curvature import Batch, LossFn, curvature_context, split_batch
 from oba.group_importance import _CONV_LINEAR_IN as _IN
 from oba.group_importance import _CONV_LINEAR_OUT as _OUT
 from oba.group_importance import Normalizer, ParameterScoreImportance
+from oba.importance import NonFiniteScoreError
 
 __all__ = [
     "KFACFactors",
@@ -205,12 +206,12 @@ def kfac_factor_sums(
     handles = [m.register_forward_hook(keep) for m in layers]
     try:
         with curvature_context(model):
-            for batch in tqdm(
+            for index, batch in enumerate(tqdm(
                 itertools.islice(iter(batches), max_batches),
                 total=batch_count(batches, max_batches),
                 desc="K-FAC factors",
                 disable=not progress,
-            ):
+            )):  # fmt: skip
                 args, targets = split_batch(to_device(batch, device))
                 logits = model(*args)
                 if sampled:
@@ -222,8 +223,15 @@ def kfac_factor_sums(
                 for m in layers:
                     a = _patches(m, inputs[m])
                     g = _output_grads(m, outputs[m].grad).flatten(0, 1)  # [B * T, C_out]
-                    sums_a[m] += (a.T @ a).double()  # summed in float64 across batches
-                    sums_s[m] += (g.T @ g).double()
+                    aa, gg = (a.T @ a).double(), (g.T @ g).double()
+                    if not (bool(torch.isfinite(aa).all()) and bool(torch.isfinite(gg).all())):
+                        raise NonFiniteScoreError(
+                            f"batch {index} gave non-finite (NaN or inf) K-FAC factors, first in a "
+                            f"{type(m).__name__} with weight {tuple(m.weight.shape)}: check that batch for NaN/inf "
+                            "inputs, and the model for diverged weights"
+                        )
+                    sums_a[m] += aa  # summed in float64 across batches
+                    sums_s[m] += gg
                     rows_a[m] += a.shape[0]
                 samples += n
                 inputs.clear()

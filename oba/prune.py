@@ -21,7 +21,11 @@ device (the literature's "FLOPs"; element-wise work not counted).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import numbers
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -108,6 +112,8 @@ class _Measure:
 
 
 def _check_options(target: PruningTarget, reference, score_mode, max_channel_sparsity, scorer, batches) -> None:
+    if isinstance(batches, (str, bytes)) or (batches is not None and not isinstance(batches, Iterable)):
+        raise TypeError(f"batches must be an iterable of (inputs, targets), got {type(batches).__name__}")
     if reference is not None and target.kind == "channels":
         raise ValueError("reference applies to keep_flops / keep_params only")
     if not 0 <= max_channel_sparsity <= 1:
@@ -116,6 +122,65 @@ def _check_options(target: PruningTarget, reference, score_mode, max_channel_spa
         raise ValueError(f"score_mode must be 'train', 'eval' or None, got {score_mode!r}")
     if scorer.needs_data and batches is None:
         raise ValueError("this importance scores on data: pass batches (and loss_fn for a criterion name)")
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse, before anything changes, models the pruner would leave half-done: ``torch.nn.utils.prune`` masks
+    (the pruned ``weight`` would sit beside the old ``weight_orig``/``weight_mask``) and recurrent layers
+    Torch-Pruning cannot prune (``nn.GRU``, ``nn.RNN``)."""
+    for name, m in model.named_modules():
+        if hasattr(m, "weight_orig") or hasattr(m, "weight_mask"):
+            raise ValueError(
+                f"layer {name!r} carries torch.nn.utils.prune masks (weight_orig/weight_mask): make them permanent "
+                "with oba.unstructured.remove_masks(model) (torch.nn.utils.prune.remove) before structured pruning"
+            )
+        if isinstance(m, (nn.GRU, nn.RNN)):
+            raise ValueError(
+                f"layer {name!r} is an nn.{type(m).__name__}, which Torch-Pruning cannot prune (it prunes nn.LSTM "
+                "only); structured pruning of this model is not supported: prune its other parts separately, or "
+                "use unstructured pruning (oba.unstructured.prune_unstructured)"
+            )
+
+
+def _check_batches(batches: list[Batch], example_inputs: Any, step: int) -> None:
+    """Each scoring batch's inputs must match ``example_inputs`` (the model was traced with them) but for the
+    batch size."""
+    example = example_inputs if isinstance(example_inputs, Tensor) else None
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or not batch:
+            continue  # a user's scorer may take batches of its own kind
+        x = batch[0]
+        if (
+            example is not None
+            and isinstance(x, Tensor)
+            and (x.shape[1:] != example.shape[1:] or x.dtype != example.dtype)
+        ):
+            raise ValueError(
+                f"batch {i} of step {step} has inputs of shape {tuple(x.shape)} and dtype {x.dtype}, but "
+                f"example_inputs have shape {tuple(example.shape)} and dtype {example.dtype}: the batches must match "
+                "the example input (all but the batch size)"
+            )
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module):
+    """Leave ``model`` as it was when the block raises (any exception, ``TargetNotReachedError`` and
+    ``KeyboardInterrupt`` included): every module of the caller's tree gets back its snapshot's attributes
+    (parameters, buffers, sizes, children). Values and structure are restored; parameters are the snapshot's
+    tensors (new objects, as pruning itself would have made)."""
+    snapshot = copy.deepcopy(model)
+    originals = dict(model.named_modules(remove_duplicate=False))
+    try:
+        yield
+    except BaseException:
+        copies = dict(snapshot.named_modules(remove_duplicate=False))
+        original_of = {id(copies[n]): m for n, m in originals.items()}
+        for name, m in originals.items():
+            c = copies[name]
+            m.__dict__.clear()
+            m.__dict__.update(c.__dict__)
+            m._modules = OrderedDict((k, original_of.get(id(ch), ch)) for k, ch in c._modules.items())
+        raise
 
 
 def _score(scorer: Scorer, model: nn.Module, batches: list[Batch], score_mode: str | None) -> Any:
@@ -130,7 +195,7 @@ def _score(scorer: Scorer, model: nn.Module, batches: list[Batch], score_mode: s
             m.training = training
 
 
-# long function: the public entry point's signature and its documented arguments; the loop itself is ~35 lines
+# long function: the public entry point's signature and its documented arguments; the body is ~15 lines
 def prune_structured(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
@@ -193,15 +258,38 @@ def prune_structured(
         ``removed`` (channels in this step), ``widths`` ({layer: width}), ``heads`` ({layer: heads}),
         ``score_seconds``, ``prune_seconds``.
 
+    Either it succeeds, or the caller's model is left exactly as it was: arguments and the model are checked
+    before anything changes (``torch.nn.utils.prune`` masks, ``nn.GRU``/``nn.RNN``, batches unlike
+    ``example_inputs``), and on any exception during the run (``TargetNotReachedError`` and ``KeyboardInterrupt``
+    included) every module gets back a snapshot taken at the start (values and structure; parameters are new
+    tensor objects, as pruning would have made). The snapshot costs one copy of the model in memory.
+
     Raises:
-        ValueError: no target, several targets, or a target outside ``(0, 1]``; bad options.
+        ValueError, TypeError: no target, several targets, or a target outside ``(0, 1]``; bad options; a masked
+            model, a GRU; batches that do not match ``example_inputs``; NaN/inf in a group's importance.
+        oba.importance.NonFiniteScoreError: a scoring batch gave NaN/inf scores (named, with the parameter).
         TargetNotReachedError: everything left is capped or ignored before the target was met.
     """
     target = PruningTarget.from_arguments(
         keep_flops, keep_params, keep_channels, steps=steps, schedule=schedule, step_targets=step_targets
     )
+    if isinstance(batches_per_step, bool) or not isinstance(batches_per_step, numbers.Integral) or batches_per_step < 1:
+        raise ValueError(f"batches_per_step must be a whole number >= 1, got {batches_per_step!r}")
     scorer = as_scorer(importance, loss_fn)
     _check_options(target, reference, score_mode, max_channel_sparsity, scorer, batches)
+    _check_model(model)
+    with _restored_on_failure(model):
+        return _run(
+            model, example_inputs, scorer, target, batches, batches_per_step, reference, score_mode, global_ranking,
+            max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step,
+        )  # fmt: skip
+
+
+def _run(
+    model, example_inputs, scorer, target, batches, batches_per_step, reference, score_mode, global_ranking,
+    max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step,
+) -> tuple[nn.Module, list[dict[str, Any]]]:  # fmt: skip
+    """:func:`prune_structured` after its arguments are checked (same arguments)."""
     dense = count_flops(model if reference is None else reference, example_inputs)  # before any preparation
     prepared = scorer.prepare(model, ignored_layers)  # in place; the layers the criterion ignores, if it says
     ignored = list(default_ignored_layers(model) if prepared is None else prepared)
@@ -215,7 +303,9 @@ def prune_structured(
     targets = target.step_targets()
     for step, step_target in enumerate(tqdm(targets, desc="prune steps", disable=not progress), start=1):
         start = time.perf_counter()
-        imp = _score(scorer, model, stream.take(batches_per_step) if scorer.needs_data else [], score_mode)
+        step_batches = stream.take(batches_per_step) if scorer.needs_data else []
+        _check_batches(step_batches, example_inputs, step)
+        imp = _score(scorer, model, step_batches, score_mode)
         scored = time.perf_counter()
         macs = macs_by_module(model, example_inputs) if target.kind == "flops" else {}
         removed = prune_step(ctx, imp, step_target, measure.kept, round_to, macs)

@@ -10,6 +10,7 @@ pruner, as Torch-Pruning keeps its scheduler apart from its pruners.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,10 @@ class PruningTarget:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"the target kind must be one of {KINDS}, got {self.kind!r}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, numbers.Real):
+            raise TypeError(f"keep_{self.kind} must be a number (the fraction KEPT, in (0, 1]), got {self.keep!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise TypeError(f"steps must be a whole number >= 1, got {self.steps!r}")
         if not 0 < self.keep <= 1:
             raise ValueError(f"keep_{self.kind} is the fraction KEPT and must be in (0, 1], got {self.keep}")
         if self.steps < 1:
