@@ -35,6 +35,7 @@ from oba.criteria import Scorer, make_scorer
 from oba.curvature import Batch
 from oba.flops import count_flops
 from oba.io import append_jsonl, read_jsonl
+from oba.prunable import layer_widths
 from oba.prune import prune_structured
 from oba.pruned_io import load_pruned, save_pruned
 from oba.train import evaluate, fine_tune, recalibrate_batchnorm
@@ -121,7 +122,8 @@ def structured_sweep(
         steps += [previous * (t / previous) ** (j / steps_per_target) for j in range(1, steps_per_target)] + [t]
         previous = t
     for name in criteria:
-        if {r["keep_flops"] for r in log.find(criterion=name)} >= set(targets):
+        logged = {r["keep_flops"] for r in log.find(criterion=name)}
+        if logged >= set(targets):
             continue
         scorer = make_scorer(name, loss_fn, **dict((criterion_options or {}).get(name, {})))
         model = copy.deepcopy(dense)
@@ -148,7 +150,8 @@ def structured_sweep(
             **prune_options,
         )  # fmt: skip
         for row in pending:  # all targets of a criterion land together: a partial trajectory is redone
-            log.append(row)
+            if row["keep_flops"] not in logged:  # a kill between two appends: those already logged stay once
+                log.append(row)
     return log.records()
 
 
@@ -189,16 +192,17 @@ def prune_and_fine_tune(
     if done and final_path.exists():
         return load_pruned(final_path), done[-1]
     pruned_path = out / f"{stem}_pruned.pt"
-    if pruned_path.exists():
+    scorer = make_scorer(criterion, loss_fn, **dict((criterion_options or {}).get(criterion, {})))
+    if pruned_path.exists():  # resumed: the widths are those of the saved pruned model (as history[-1] has them)
         model = load_pruned(pruned_path)
-        history = None
+        widths = layer_widths(model)
     else:
-        scorer = make_scorer(criterion, loss_fn, **dict((criterion_options or {}).get(criterion, {})))
         model = copy.deepcopy(dense)
         _, history = prune_structured(
             model, example_inputs, scorer, keep_flops=keep_flops, loss_fn=loss_fn, batches=score_batches,
             reference=reference, progress=progress, **prune_options,
         )  # fmt: skip
+        widths = history[-1]["widths"]
         save_pruned(model, pruned_path, arch, arch_kwargs)
     before = _evaluate_all(model, eval_loaders)
     start = time.perf_counter()
@@ -214,8 +218,7 @@ def prune_and_fine_tune(
     record.update({f"{k}_pruned": v for k, v in before.items()})
     record.update(_evaluate_all(model, eval_loaders))
     record.update(fine_tune_seconds=time.perf_counter() - start)
-    if history is not None:
-        record.update(_widths(scorer, model, history[-1]["widths"]))
+    record.update(_widths(scorer, model, widths))
     log.append(record)
     return model, record
 
