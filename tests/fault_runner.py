@@ -10,7 +10,8 @@ The ``--jobs`` mode prints one JSON line: per group, the children's return codes
 :class:`subprocess.Popen` reports them.
 
 RUNNER is ``sweep`` (:func:`oba.experiments.structured_sweep`), ``fine_tune`` (:func:`oba.train.fine_tune`),
-``prune_ft`` (:func:`oba.experiments.prune_and_fine_tune`) or ``iterative`` (:func:`oba.experiments.iterative_pruning`).
+``prune_ft`` (:func:`oba.experiments.prune_and_fine_tune`), ``iterative`` (:func:`oba.experiments.iterative_pruning`)
+or ``iterative_fixed_order`` (the same with an unshuffled list of training batches).
 The kill point comes from the environment (the monkeypatching happens in this process only):
 
 * ``FAULT_PRUNE_STEP=k``: SIGKILL at the start of the k-th call of :func:`oba.prune_step.prune_step` (mid-pruning);
@@ -157,6 +158,9 @@ def main(runner: str, out: Path) -> None:
     elif runner == "prune_ft":
         oba.experiments.prune_and_fine_tune(dense(), example, "taylor", 0.6, **experiment)
     elif runner == "iterative":
+        oba.experiments.iterative_pruning(dense(), example, "magnitude", [0.8, 0.6], **experiment)
+    elif runner == "iterative_fixed_order":  # a plain list of batches: no loader generator carried across stages
+        experiment["train_loader"] = data(4, 7)
         oba.experiments.iterative_pruning(dense(), example, "magnitude", [0.8, 0.6], **experiment)
     else:
         raise SystemExit(f"unknown runner {runner!r}")
