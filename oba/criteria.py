@@ -325,6 +325,8 @@ def score(
     Returns:
         dict name -> tensor shaped like the parameter (detached, the parameter's dtype and device).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     c = _parameter_criterion(criterion, options)
     if c.data_free is not None:
         return c.data_free(model, params, **options)

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from oba.batches import LossFn
+from oba.batches import LossFn, split_batch
 from oba.standardization import closed_form_batch_norm
 
 __all__ = [
@@ -205,17 +205,6 @@ def curvature_context(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
         for m, hooks, pre_hooks, full in saved_hooks:
             m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = hooks, pre_hooks, full
-
-
-def split_batch(batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(
-            "batch must be a pair (inputs, targets), where inputs is a Tensor or a tuple of Tensors "
-            f"passed to the model as positional arguments; got {type(batch).__name__}"
-        )
-    inputs, targets = batch
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    return args, targets
 
 
 def loss_function(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Callable[[Params], Tensor]:

@@ -404,17 +404,16 @@ def _sum_except(s: Tensor | None, dim: int) -> Tensor | None:
 
 
 def _normalize(imp: Tensor, normalizer: Normalizer) -> Tensor:
-    """Torch-Pruning's group normalisations (same names and formulas)."""
+    """Torch-Pruning's group normalisations (same names and formulas), except that a zero denominator (``"sum"``,
+    ``"mean"`` or ``"max"`` of a group whose scores are all zero, or sum to zero) leaves the group unscaled where
+    Torch-Pruning would return NaN or inf: ``imp / d`` with ``d = 1`` when ``d == 0``."""
     if normalizer is None:
         return imp
     if callable(normalizer):
         return normalizer(imp)
-    if normalizer == "sum":
-        return imp / imp.sum()
-    if normalizer == "mean":
-        return imp / imp.mean()
-    if normalizer == "max":
-        return imp / imp.max()
+    if normalizer in ("sum", "mean", "max"):
+        d = {"sum": imp.sum, "mean": imp.mean, "max": imp.max}[normalizer]()
+        return imp / torch.where(d == 0, torch.ones_like(d), d)
     if normalizer == "standarization":
         return (imp - imp.min()) / (imp.max() - imp.min() + 1e-8)
     if normalizer == "gaussian":

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oba.batches import batch_count, to_device
+from oba.batches import batch_count, first_checked, to_device
 from oba.curvature import (
     Batch,
     LossFn,
@@ -136,13 +136,13 @@ def accumulate(
     device = next(iter(theta.values())).device
     totals: Params = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
     count = 0
-    stream = itertools.islice(iter(batches), max_batches)
+    stream = first_checked(model, loss_fn, itertools.islice(iter(batches), max_batches))  # bad data named first
     total_batches = batch_count(batches, max_batches)
     generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
     if setup is not None:
         options = setup(model, loss_fn, theta, options)
     for index, batch in enumerate(tqdm(stream, total=total_batches, desc=desc, disable=not progress)):
-        batch = to_device(batch, device)  # a malformed batch is reported by the curvature functions
+        batch = to_device(batch, device)
         s = per_batch(model, loss_fn, batch, theta, generator=generator, **options)
         bad = next((n for n, t in s.items() if not bool(torch.isfinite(t).all())), None)
         if bad is not None:

@@ -257,6 +257,8 @@ def load_torch(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"the {what} {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"the {what} {path} is a directory: pass the path of the file inside it")
     with torch.serialization.safe_globals(list(safe_globals)):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oba.batches import batch_count, to_device
+from oba.batches import batch_count, first_checked, to_device
 from oba.curvature import Batch, LossFn, curvature_context, split_batch
 from oba.group_importance import _CONV_LINEAR_IN as _IN
 from oba.group_importance import _CONV_LINEAR_OUT as _OUT
@@ -203,11 +203,14 @@ def kfac_factor_sums(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = 0
+    stream = first_checked(model, loss_fn, itertools.islice(iter(batches), max_batches))
+    first = next(stream, None)  # checked before any hook is attached (what is wrong with the data, said first)
+    stream = itertools.chain([first] if first is not None else [], stream)
     handles = [m.register_forward_hook(keep) for m in layers]
     try:
         with curvature_context(model):
             for index, batch in enumerate(tqdm(
-                itertools.islice(iter(batches), max_batches),
+                stream,
                 total=batch_count(batches, max_batches),
                 desc="K-FAC factors",
                 disable=not progress,

@@ -33,6 +33,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.batches import check_example_inputs, check_inputs_like, modes_restored
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
 from oba.flops import count_flops, count_params, macs_by_module
@@ -128,6 +129,8 @@ def _check_model(model: nn.Module) -> None:
     """Refuse, before anything changes, models the pruner would leave half-done: ``torch.nn.utils.prune`` masks
     (the pruned ``weight`` would sit beside the old ``weight_orig``/``weight_mask``) and recurrent layers
     Torch-Pruning cannot prune (``nn.GRU``, ``nn.RNN``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for name, m in model.named_modules():
         if hasattr(m, "weight_orig") or hasattr(m, "weight_mask"):
             raise ValueError(
@@ -142,24 +145,38 @@ def _check_model(model: nn.Module) -> None:
             )
 
 
+def _resolve_layers(model: nn.Module, layers: Sequence[nn.Module | str] | None) -> list[nn.Module] | None:
+    """``ignored_layers`` as modules of ``model``: modules, or their names in ``model.named_modules()``."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    names = {m: n for n, m in model.named_modules()}
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, str):
+            try:
+                layer = model.get_submodule(layer)
+            except AttributeError:
+                raise ValueError(
+                    f"ignored_layers names {layer!r}, which is not a module of the model; names are those of "
+                    f"model.named_modules(), e.g. {list(names.values())[1:4]}"
+                ) from None
+        elif not isinstance(layer, nn.Module) or layer not in names:
+            raise ValueError(
+                f"ignored_layers holds {layer!r}, which is not a module of the model: pass its modules "
+                "(e.g. model.fc) or their names"
+            )
+        resolved.append(layer)
+    return resolved
+
+
 def _check_batches(batches: list[Batch], example_inputs: Any, step: int) -> None:
     """Each scoring batch's inputs must match ``example_inputs`` (the model was traced with them) but for the
-    batch size."""
-    example = example_inputs if isinstance(example_inputs, Tensor) else None
+    batch size. (Scoring itself runs the first batch through the model and the loss: :func:`check_batch`.)"""
     for i, batch in enumerate(batches):
-        if not isinstance(batch, (tuple, list)) or not batch:
-            continue  # a user's scorer may take batches of its own kind
-        x = batch[0]
-        if (
-            example is not None
-            and isinstance(x, Tensor)
-            and (x.shape[1:] != example.shape[1:] or x.dtype != example.dtype)
-        ):
-            raise ValueError(
-                f"batch {i} of step {step} has inputs of shape {tuple(x.shape)} and dtype {x.dtype}, but "
-                f"example_inputs have shape {tuple(example.shape)} and dtype {example.dtype}: the batches must match "
-                "the example input (all but the batch size)"
-            )
+        if isinstance(batch, (tuple, list)) and batch:  # a user's scorer may take batches of its own kind
+            check_inputs_like(batch[0], example_inputs, f"batch {i} of step {step}")
 
 
 @contextlib.contextmanager
@@ -185,14 +202,10 @@ def _restored_on_failure(model: nn.Module):
 
 def _score(scorer: Scorer, model: nn.Module, batches: list[Batch], score_mode: str | None) -> Any:
     """The scorer's importance of the current model, computed in ``score_mode``; every module's mode restored."""
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with modes_restored(model):
         if score_mode is not None:
             model.train(score_mode == "train")
         return scorer(model, batches)
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 # long function: the public entry point's signature and its documented arguments; the body is ~15 lines
@@ -214,7 +227,7 @@ def prune_structured(
     score_mode: str | None = "train",
     global_ranking: bool = True,
     max_channel_sparsity: float = 1.0,
-    ignored_layers: Sequence[nn.Module] | None = None,
+    ignored_layers: Sequence[nn.Module | str] | None = None,
     round_to: int | None = None,
     num_heads: Mapping[nn.Module, int] | None = None,
     root_module_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear),
@@ -246,7 +259,8 @@ def prune_structured(
             modes are restored afterwards.
         global_ranking: rank units across all groups (True) or prune each group by the same fraction.
         max_channel_sparsity: no layer loses more than this fraction of its initial channels (or heads).
-        ignored_layers: layers whose output channels stay (default :func:`oba.prunable.default_ignored_layers`).
+        ignored_layers: layers whose output channels stay, as modules or names in ``model.named_modules()``
+            (default :func:`oba.prunable.default_ignored_layers`).
         round_to: keep channel counts multiples of this.
         num_heads: ``{q/k/v projection: heads}`` of attention layers whose whole heads are pruned (default:
             those of :class:`oba.models.vit.Attention` modules, found automatically).
@@ -278,6 +292,8 @@ def prune_structured(
     scorer = as_scorer(importance, loss_fn)
     _check_options(target, reference, score_mode, max_channel_sparsity, scorer, batches)
     _check_model(model)
+    check_example_inputs(model, example_inputs)
+    ignored_layers = _resolve_layers(model, ignored_layers)
     with _restored_on_failure(model):
         return _run(
             model, example_inputs, scorer, target, batches, batches_per_step, reference, score_mode, global_ranking,

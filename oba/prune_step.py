@@ -127,6 +127,11 @@ def rank_units(
         n = len(group[0].idxs)
         if len(imp) != n:
             raise RuntimeError(f"the importance returned {len(imp)} scores for a group of {n} channels")
+        if not bool(torch.isfinite(imp).all()):
+            raise ValueError(
+                f"the importance of the group rooted at {ctx.names.get(root, type(root).__name__)!r} holds NaN or inf: "
+                "ranking by it would prune at random; check the scoring data and the model for NaN/inf"
+            )
         heads_of = [
             d.target.module
             for d, _ in group

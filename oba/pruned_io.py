@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from oba.criteria import REGISTRY, Preparation
 from oba.io import load_torch, save_torch
-from oba.models import create
+from oba.models import available, create
 from oba.prunable import layer_widths
 
 __all__ = ["PRUNED_FORMAT", "load_pruned", "resize_to_state_dict", "save_pruned"]
@@ -52,6 +52,11 @@ def save_pruned(
         arch: the :mod:`oba.models` registry name the model was created from (e.g. ``"resnet32"``).
         arch_kwargs: the arguments it was created with (plain values only).
     """
+    if arch not in available():
+        raise ValueError(
+            f"arch={arch!r} is not a model name of oba.models (have {', '.join(available())}): load_pruned could not "
+            "rebuild the model. Pass the registry name the model was created from"
+        )
     payload = {
         "format": PRUNED_FORMAT,
         "arch": arch,

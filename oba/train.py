@@ -33,9 +33,9 @@ Without a process group nothing changes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import numbers
 import os
 import random
 import time
@@ -52,13 +52,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oba import process_group as pg
-from oba.batches import LossFn, batch_count, to_device
+from oba.batches import LossFn, batch_count, check_batch, modes_restored, to_device
 from oba.io import append_jsonl, atomic_write, load_torch, read_jsonl, save_torch
 from oba.models.checkpoints import state_dict_mismatches
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointMismatchError",
+    "NonFiniteLossError",
     "evaluate",
     "fine_tune",
     "load_checkpoint",
@@ -72,6 +73,10 @@ CHECKPOINT_FORMAT = "oba.fine_tune/1"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's model state does not fit the model (different keys or shapes)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf (the message names the epoch and batch; no step was taken with it)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,17 +104,6 @@ def _unpack(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(f"expected (inputs, targets) batches, got {type(batch).__name__}")
-
-
-@contextlib.contextmanager
-def _modes_restored(model: nn.Module):
-    """Restore every submodule's ``training`` flag on exit (``model.train(mode)`` alone would not)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _batches(loader: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
@@ -160,7 +154,7 @@ def evaluate(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    with _modes_restored(model), torch.no_grad():
+    with modes_restored(model), torch.no_grad():
         model.eval()
         bar = tqdm(
             _batches(loader, max_batches),
@@ -220,7 +214,7 @@ def recalibrate_batchnorm(
     device = _prepare(model, device)
     momenta = [m.momentum for m in bns]
     seen = 0
-    with _modes_restored(model), torch.no_grad():
+    with modes_restored(model), torch.no_grad():
         try:
             for m in bns:
                 m.reset_running_stats()
@@ -387,8 +381,9 @@ def fine_tune(
     module docstring.
 
     Args:
-        seed: when starting afresh, ``torch.manual_seed(seed)`` (plus numpy and python) first, ``seed + rank``
-            under ``torch.distributed``; ignored on resumption.
+        seed: when starting afresh, ``torch.manual_seed(seed)`` (plus numpy, python and the generators of the
+            loaders, e.g. ``DataLoader(..., generator=g)``) first, ``seed + rank`` under ``torch.distributed``;
+            ignored on resumption (the saved states are restored instead).
         device: where to train (the model is moved there); default the model's device.
         loss_fn: ``loss_fn(logits, targets)`` returning the mean loss of a batch; default cross-entropy.
 
@@ -397,27 +392,72 @@ def fine_tune(
         ValueError: the checkpoint was made with other hyper-parameters, or has more epochs than asked.
         oba.io.DamagedFileError: the checkpoint is truncated or corrupt (delete it to restart).
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones, gamma=gamma)
+    paths = dict(checkpoint_path=checkpoint_path, log_path=log_path)
+    _check_arguments(model, train_loader, eval_loader, epochs=epochs, device=device, **hyper, **paths)
     run = _setup(
-        model, train_loader, eval_loader, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones,
-        gamma=gamma, nesterov=nesterov, loss_fn=loss_fn, device=device, progress=progress, distributed=distributed,
-        checkpoint_path=checkpoint_path, log_path=log_path,
+        model, train_loader, eval_loader, nesterov=nesterov, loss_fn=loss_fn, device=device, progress=progress,
+        distributed=distributed, **hyper, **paths,
     )  # fmt: skip
     if run.checkpoint_path is not None and resume and run.checkpoint_path.exists():
         start, history = _resume(run, epochs)
     else:
         start, history = 0, []
-        _seed_everything(seed, run.distributed)
+        _seed_everything(seed, run.distributed, run.loaders)
     if run.log_path is not None and run.main:  # the checkpoint's epochs (none when starting afresh), atomically
         atomic_write(run.log_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
     if run.distributed:
         _wrap_in_ddp(run, start)
-    with _modes_restored(model):
+    with modes_restored(model):
         for epoch in range(start, epochs):
             history.append(_train_epoch(run, epoch, epochs))
             _end_epoch(run, history)
     return history
+
+
+def _check_arguments(
+    model: Any,
+    train_loader: Any,
+    eval_loader: Any,
+    *,
+    epochs: Any,
+    lr: Any,
+    momentum: Any,
+    weight_decay: Any,
+    milestones: Any,
+    gamma: Any,
+    device: Any,
+    checkpoint_path: Any,
+    log_path: Any,
+) -> None:
+    """Refuse, before anything changes, arguments :func:`fine_tune` would trip over deep inside torch."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, loader in (("train_loader", train_loader), ("eval_loader", eval_loader)):
+        if loader is not None and (isinstance(loader, (str, bytes, Tensor)) or not isinstance(loader, Iterable)):
+            raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
+    for name, value, low in (("lr", lr, 0.0), ("gamma", gamma, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= low:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(milestones, (str, bytes)) or not all(
+        isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in milestones
+    ):
+        raise ValueError(f"milestones must be a sequence of epoch numbers >= 1 (e.g. [30, 60]), got {milestones!r}")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but CUDA is not available here (torch.cuda.is_available() is False)")
+    for name, path in (("checkpoint_path", checkpoint_path), ("log_path", log_path)):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{name}={str(path)!r} is a directory: pass a file path inside it")
 
 
 @dataclass
@@ -438,6 +478,7 @@ class _Run:
     progress: bool
     checkpoint_path: Path | None
     log_path: Path | None
+    checked: bool = False  # the first training batch was checked (check_batch)
 
     @property
     def loaders(self) -> list[Any]:
@@ -517,14 +558,22 @@ def _resume(run: _Run, epochs: int) -> tuple[int, list[dict[str, Any]]]:
     return start, list(ckpt["history"])
 
 
-def _seed_everything(seed: int | None, distributed: bool) -> None:
-    """Seed torch, numpy and python with ``seed`` (``seed + rank`` under ``torch.distributed``), if given."""
+def _seed_everything(seed: int | None, distributed: bool, loaders: Sequence[Any] = ()) -> None:
+    """Seed torch, numpy, python and the loaders' own generators with ``seed`` (``seed + rank`` under
+    ``torch.distributed``), if given.
+
+    Seeding the loaders' generators makes a seeded run a function of its arguments: its data order does not depend
+    on how often the loader was iterated before (e.g. by an earlier stage of the iterative protocol, which a resumed
+    run skips)."""
     if seed is None:
         return
     seed = seed + (pg.get_rank() if distributed else 0)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+    for loader in loaders:
+        for g in _loader_generators(loader) if loader is not None else []:
+            g.manual_seed(seed)
 
 
 def _wrap_in_ddp(run: _Run, start: int) -> None:
@@ -547,15 +596,22 @@ def _train_epoch(run: _Run, epoch: int, epochs: int) -> dict[str, Any]:
         if callable(getattr(getattr(ld, "sampler", None), "set_epoch", None)):
             ld.sampler.set_epoch(epoch)
     total_loss, correct, n = _sgd_steps(run, desc=f"epoch {epoch + 1}/{epochs}")
-    run.scheduler.step()
     if run.distributed:
         pg.broadcast_buffers(run.model)  # DDP leaves each process with its own last BatchNorm statistics
         total_loss, correct, n = _global_sums(total_loss, correct, n)
+    if n == 0:
+        raise ValueError("train_loader yielded no batches: nothing to train on (check the dataset and batch size)")
+    if not math.isfinite(float(total_loss)):
+        raise NonFiniteLossError(
+            f"epoch {epoch + 1}: the training loss is {float(total_loss) / n} (NaN or inf); the checkpoint of the "
+            "last finished epoch (if any) is intact: check the data for NaN/inf, lower lr, and rerun"
+        )
+    run.scheduler.step()
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "lr": float(epoch_lr),
-        "train_loss": float(total_loss) / n if n else math.nan,
-        "train_accuracy": int(correct) / n if n else math.nan,
+        "train_loss": float(total_loss) / n,
+        "train_accuracy": int(correct) / n,
         "train_num_samples": n,
     }
     if run.eval_loader is not None:
@@ -586,12 +642,26 @@ def _sgd_steps(run: _Run, desc: str) -> tuple[Tensor, Tensor, int]:
         disable=not run.progress or not run.main,
         leave=False,
     )
-    for batch in bar:
+    for index, batch in enumerate(bar):
         inputs, targets = _unpack(batch)
         inputs, targets = to_device(inputs, run.device), targets.to(run.device, non_blocking=True)
+        if not run.checked:  # the run's first batch, before it changes anything (one forward in eval mode)
+            loss = check_batch(run.model, run.loss_fn, (inputs, targets), "the first batch of train_loader")
+            if loss is not None and not bool(torch.isfinite(loss).all()):
+                raise NonFiniteLossError(
+                    f"the first batch of train_loader gives a loss of {loss.tolist()} in eval mode, before any "
+                    "training: check the data for NaN/inf inputs or labels, and the model for NaN/inf weights"
+                )
+            run.checked = True
         run.optimizer.zero_grad(set_to_none=True)
         logits = run.net(inputs)
         loss = run.loss_fn(logits, targets)
+        if not run.distributed and not bool(torch.isfinite(loss)):  # under DDP: the epoch's global sum is checked
+            raise NonFiniteLossError(
+                f"{desc}, batch {index}: the training loss is {float(loss)} (no step was taken with it). Check that "
+                "batch for NaN/inf inputs or labels, and lower lr if the loss diverged; the checkpoint of the last "
+                "finished epoch (if any) is intact and a rerun resumes from it"
+            )
         loss.backward()
         run.optimizer.step()
         bs = targets.shape[0]

@@ -14,6 +14,10 @@ import torch
 
 from oba.data import resolve_data_dir
 
+# tests/data/ holds inputs of tests (e.g. the toy notebook series of tests/test_faults.py), not tests: nbval must not
+# collect its notebooks
+collect_ignore_glob = ["data/*"]
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -10,8 +10,10 @@ The ``--jobs`` mode prints one JSON line: per group, the children's return codes
 :class:`subprocess.Popen` reports them.
 
 RUNNER is ``sweep`` (:func:`oba.experiments.structured_sweep`), ``fine_tune`` (:func:`oba.train.fine_tune`),
-``prune_ft`` (:func:`oba.experiments.prune_and_fine_tune`), ``iterative`` (:func:`oba.experiments.iterative_pruning`)
-or ``iterative_fixed_order`` (the same with an unshuffled list of training batches).
+``prune_ft`` (:func:`oba.experiments.prune_and_fine_tune`), ``iterative`` (:func:`oba.experiments.iterative_pruning`),
+``iterative_fixed_order`` (the same with an unshuffled list of training batches) or ``notebooks`` (the series runner
+``scripts/notebooks.py run`` over the toy series in ``tests/data/toy_series``, whose notebooks kill the runner
+and themselves where ``FAULT_NOTEBOOK`` says).
 The kill point comes from the environment (the monkeypatching happens in this process only):
 
 * ``FAULT_PRUNE_STEP=k``: SIGKILL at the start of the k-th call of :func:`oba.prune_step.prune_step` (mid-pruning);
@@ -23,6 +25,7 @@ The kill point comes from the environment (the monkeypatching happens in this pr
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -42,6 +45,8 @@ import oba.prune  # noqa: E402
 import oba.train  # noqa: E402
 
 EXAMPLE_SHAPE = (1, 3, 8, 8)
+ROOT = Path(__file__).resolve().parents[1]
+TOY_SERIES = ROOT / "tests" / "data" / "toy_series"
 
 
 def die() -> None:
@@ -162,6 +167,11 @@ def main(runner: str, out: Path) -> None:
     elif runner == "iterative_fixed_order":  # a plain list of batches: no loader generator carried across stages
         experiment["train_loader"] = data(4, 7)
         oba.experiments.iterative_pruning(dense(), example, "magnitude", [0.8, 0.6], **experiment)
+    elif runner == "notebooks":
+        spec = importlib.util.spec_from_file_location("notebooks_script", ROOT / "scripts" / "notebooks.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        script.main(["run", "--notebooks", str(TOY_SERIES), "--out", str(out)])
     else:
         raise SystemExit(f"unknown runner {runner!r}")
 

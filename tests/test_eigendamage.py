@@ -220,8 +220,8 @@ def test_unsupported_layers_and_plain_models_fail_with_what_to_do():
     with pytest.raises(ValueError, match="to_eigenbasis"):
         make_scorer("eigendamage", F.cross_entropy)(single_linear(), [])
     with pytest.raises(ValueError, match="ignored_layers"):
-        prune_structured(single_linear(), torch.zeros(1, 6), "eigendamage", loss_fn=F.cross_entropy, batches=[],
-                         keep_flops=0.5, ignored_layers=[])  # fmt: skip
+        prune_structured(single_linear(), torch.zeros(1, 6, dtype=torch.float64), "eigendamage",
+                         loss_fn=F.cross_entropy, batches=[], keep_flops=0.5, ignored_layers=[])  # fmt: skip
     layer = EigenbasisLayer.from_layer(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="current model"):
         layer.rotate_(torch.eye(4), torch.eye(2))

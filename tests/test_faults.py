@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from torch import nn
@@ -45,14 +46,13 @@ SCENARIOS = {
     "iterative-mid-stage-2-pruning": ("iterative", {"FAULT_PRUNE_STEP": "2"}),
     "iterative-torn-stage-1-record": ("iterative", {"FAULT_APPEND": "3"}),
     "iterative_fixed_order-mid-stage-2-pruning": ("iterative_fixed_order", {"FAULT_PRUNE_STEP": "2"}),
+    # the series runner (scripts/notebooks.py) over tests/data/toy_series: killed inside the second notebook, while
+    # the first notebook writes a record, and while the runner writes the first notebook's .done marker
+    "notebooks-mid-second-notebook": ("notebooks", {"FAULT_NOTEBOOK": "cubes:1:kill"}),
+    "notebooks-torn-record": ("notebooks", {"FAULT_NOTEBOOK": "squares:2:torn"}),
+    "notebooks-torn-done-marker": ("notebooks", {"FAULT_ATOMIC": "1"}),
 }
 BASELINES = sorted({runner for runner, _ in SCENARIOS.values()})
-KNOWN_BUGS = {  # open, reported in the closing note; strict: the test fails once the bug is fixed, to be removed then
-    "iterative-mid-stage-2-pruning": "the shuffling training DataLoader's generator is shared by the stages: "
-    "uninterrupted, stage 2 fine-tunes with the generator as stage 1 left it; a rerun skips the finished stage 1, so "
-    "stage 2 shuffles from the generator's initial state (another data order, other weights; stage 1 and stage 2's "
-    "pruned model are equal). With a fixed data order (iterative_fixed_order) the rerun is exact.",
-}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,8 @@ def _assert_same(a, b, where: str) -> None:
 
 def _unit(record: dict) -> tuple:
     """What a record is the result of: it must appear once."""
+    if "i" in record:  # the toy notebooks' records
+        return ("i", record["i"])
     if "epoch" in record:
         return ("epoch", record["epoch"])
     return (record.get("tag"), record["criterion"], record["keep_flops"])
@@ -110,13 +112,7 @@ def _assert_state_dicts_equal(a: dict, b: dict, where: str) -> None:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{where}: {k}: {m}")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n])) if n in KNOWN_BUGS else n
-        for n in SCENARIOS
-    ],
-)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_a_killed_and_rerun_runner_ends_as_an_uninterrupted_run(runs, name):
     runner, env = SCENARIOS[name]
     a, codes_a, log = runs[f"A-{runner}"]
@@ -125,9 +121,9 @@ def test_a_killed_and_rerun_runner_ends_as_an_uninterrupted_run(runs, name):
     assert codes_b[0] == -9, f"the run was not killed by SIGKILL at {env} (return code {codes_b[0]})"
     assert codes_b[1] == 0, f"the rerun failed: {log[-5000:]}"
 
-    files_a = {p.name for p in a.iterdir()}
-    stray = {p.name for p in b.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")}
-    assert {p.name for p in b.iterdir()} - stray == files_a
+    files_a = _files(a)
+    stray = {f for f in _files(b) if Path(f).name.startswith(".") and f.endswith(".tmp")}
+    assert _files(b) - stray == files_a
     # a kill inside atomic_write leaves its temporary file (nothing removes it); any other kill leaves none
     assert len(stray) == (1 if "FAULT_ATOMIC" in env else 0), stray
 
@@ -147,9 +143,26 @@ def test_a_killed_and_rerun_runner_ends_as_an_uninterrupted_run(runs, name):
             assert ca["epoch"] == cb["epoch"]
             _assert_state_dicts_equal(ca["model"], cb["model"], fname)
             _assert_same([_strip(r) for r in ca["history"]], [_strip(r) for r in cb["history"]], fname)
+        elif fname.endswith(".done"):  # the runner's marker: the parameters, results_dir aside (A and B differ)
+            da, db = json.loads(pa.read_text()), json.loads(pb.read_text())
+            assert da.pop("results_dir") == str(a) and db.pop("results_dir") == str(b) and da == db, fname
+        elif fname.endswith(".ipynb"):  # the executed notebook: whole, every code cell run without an error
+            na, nb = nbformat.read(pa, as_version=4), nbformat.read(pb, as_version=4)
+
+            def sources(n):  # the injected parameters name the output folder, A or B
+                return [c.source for c in n.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+
+            assert sources(na) == sources(nb), fname
+            code = [c for c in nb.cells if c.cell_type == "code"]
+            assert all(c.execution_count is not None for c in code), f"{fname}: a cell was not run"
+            assert not any(o.get("output_type") == "error" for c in code for o in c.outputs), fname
         else:
             assert fname.endswith(".pt"), fname
             _assert_state_dicts_equal(load_torch(pa), load_torch(pb), fname)
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -270,6 +270,10 @@ def test_group_reductions_normalizers_and_group_scores():
     torch.testing.assert_close(imp(normalizer="standarization").min(), torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(imp(normalizer="gaussian").mean(), torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(imp(normalizer=lambda v: 2 * v), 2 * raw)
+    # a group scored all zero (e.g. units no batch reaches) stays zero where Torch-Pruning's formulas give NaN
+    zero = {n: torch.zeros_like(s) for n, s in scores.items()}
+    for normalizer in ("sum", "mean", "max"):
+        torch.testing.assert_close(ParameterScoreImportance(model, zero, normalizer=normalizer)(group), 0 * raw)
     with pytest.raises(ValueError, match="group_reduction"):
         ParameterScoreImportance(model, scores, group_reduction="prod")
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import oba
+from oba.batches import BadBatchError
 from oba.curvature import flatten_params, ggn_vp, gradient, hessian, hessian_diagonal, hvp, select_params
 from oba.toynets import make_case
 
@@ -172,7 +173,7 @@ def test_clear_errors():
         oba.score(case.model, case.loss_fn, [], "taylor", progress=False)
     with pytest.raises(ValueError, match="p must be 1 or 2"):
         oba.score(case.model, None, None, "magnitude", p=3)
-    with pytest.raises(TypeError, match="pair"):
+    with pytest.raises(BadBatchError, match="pairs"):
         oba.score(case.model, case.loss_fn, [case.batch[0]], "taylor", progress=False)
 
 

@@ -146,6 +146,20 @@ def test_fine_tune_learns_logs_and_checkpoints(datasets, tmp_path: Path) -> None
     assert model.training  # fine_tune restores the mode it was given
 
 
+def test_a_seeded_fine_tune_does_not_depend_on_earlier_passes_over_its_loader(datasets) -> None:
+    """The iterative protocol fine-tunes each stage with one training loader; a resumed run skips finished stages."""
+    train, _ = datasets
+    runs = []
+    for earlier_passes in (0, 2):
+        loader = D.loader(train, 16, shuffle=True, seed=1)
+        for _ in range(earlier_passes):
+            list(loader)
+        model = linear()
+        T.fine_tune(model, loader, epochs=1, lr=0.05, progress=False, seed=0)
+        runs.append(model)
+    assert same_weights(*runs)
+
+
 def test_fine_tune_resumes_exactly_after_an_interruption(datasets, tmp_path: Path) -> None:
     train, test = datasets
     kw: dict[str, Any] = dict(epochs=4, lr=0.1, milestones=(2, 3), gamma=0.5, nesterov=True, progress=False, seed=0)

@@ -53,6 +53,9 @@ def _data_loader(
     persistent_workers: bool,
     collate_fn: Callable[[list[Any]], Any] | None,
 ) -> DataLoader:
+    for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
     return DataLoader(
         dataset,
         batch_size=batch_size,
