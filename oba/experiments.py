@@ -22,6 +22,7 @@ layers' parts.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from oba.criteria import Scorer, make_scorer
 from oba.curvature import Batch
 from oba.flops import count_flops
-from oba.io import append_jsonl, read_jsonl
+from oba.io import append_jsonl, plain_json, read_jsonl, write_json
 from oba.prunable import layer_widths
 from oba.prune import prune_structured
 from oba.pruned_io import load_pruned, save_pruned
@@ -42,10 +43,15 @@ from oba.train import evaluate, fine_tune, recalibrate_batchnorm
 
 __all__ = [
     "ResultLog",
+    "StaleResultsError",
     "iterative_pruning",
     "prune_and_fine_tune",
     "structured_sweep",
 ]
+
+
+class StaleResultsError(ValueError):
+    """A results log was made with another configuration than the run that would extend it."""
 
 
 class ResultLog:
@@ -53,11 +59,33 @@ class ResultLog:
 
     Each record is one line, written with a flush and ``fsync`` (:func:`oba.io.append_jsonl`); a torn last line (a
     crash mid-write) is ignored when reading and cut off before the next append.
+
+    ``config``: what the records' values depend on (e.g. a notebook's parameters and the data it found). It is kept
+    beside the log in ``<name>.config.json`` (written atomically with the first use); a later run with another
+    ``config`` raises :class:`StaleResultsError` naming the keys that differ, instead of silently reusing records
+    made under other settings. Without ``config`` nothing is checked.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.path.with_name(self.path.stem + ".config.json")
+        if config is not None:
+            self._check_config(plain_json(dict(config)))
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        if not self.config_path.exists():
+            write_json(self.config_path, config, indent=1, sort_keys=True)
+            return
+        saved = json.loads(self.config_path.read_text())
+        if saved != config:
+            changed = {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))}
+            changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+            raise StaleResultsError(
+                f"{self.path} holds results made with another configuration (key: (then, now)): {changed}. Reusing "
+                "them would mix settings: pass another results folder, or delete "
+                f"{self.path} and {self.config_path} to start afresh"
+            )
 
     def records(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path) if self.path.exists() else []

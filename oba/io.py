@@ -48,6 +48,7 @@ __all__ = [
     "append_jsonl",
     "atomic_write",
     "load_torch",
+    "plain_json",
     "read_jsonl",
     "save_torch",
     "write_json",
@@ -135,6 +136,11 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, tuple):
         return list(x)
     raise TypeError(f"cannot write a {type(x).__module__}.{type(x).__qualname__} to JSON")
+
+
+def plain_json(obj: Any) -> Any:
+    """``obj`` as the plain JSON values a file would give back: ``json.loads(json.dumps(obj))``, tensors as lists."""
+    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def _is_record(line: bytes) -> bool:

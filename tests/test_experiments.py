@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import oba.models
-from oba.experiments import ResultLog, iterative_pruning, prune_and_fine_tune, structured_sweep
+from oba.experiments import ResultLog, StaleResultsError, iterative_pruning, prune_and_fine_tune, structured_sweep
 
 EXAMPLE = torch.randn(1, 3, 32, 32)
 
@@ -79,3 +79,17 @@ def test_an_interrupted_fine_tune_resumes_from_the_saved_pruned_model(tmp_path):
     assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [
         m.out_channels for m in first.modules() if isinstance(m, torch.nn.Conv2d)
     ]
+
+
+def test_a_result_log_refuses_records_made_with_another_configuration(tmp_path):
+    config = {"epochs": 2, "eval_sets": ("val",), "dataset": "cifar10"}
+    log = ResultLog(tmp_path / "r.jsonl", config=config)
+    log.append({"criterion": "oba", "keep_flops": 0.5, "acc_val": 0.9})
+    again = ResultLog(tmp_path / "r.jsonl", config=dict(config))  # same settings (a tuple reads back as a list)
+    assert again.records() == log.records()
+    with pytest.raises(StaleResultsError, match=r"'epochs': \(2, 5\).*delete .*r\.jsonl and .*r\.config\.json") as e:
+        ResultLog(tmp_path / "r.jsonl", config={**config, "epochs": 5})
+    assert "dataset" not in str(e.value)  # only what differs is named
+    with pytest.raises(StaleResultsError, match=r"'dataset': \('cifar10', 'synthetic'\)"):
+        ResultLog(tmp_path / "r.jsonl", config={**config, "dataset": "synthetic"})
+    assert ResultLog(tmp_path / "r.jsonl").records() == log.records()  # without a config, nothing is checked
