@@ -49,7 +49,7 @@ from oba import importance
 from oba.curvature import Batch, LossFn, Params, flatten_params, unflatten_params
 from oba.eigendamage import EigenbasisPreparation, eigendamage_importance
 from oba.empirical_fisher import woodfisher_scores
-from oba.group_importance import Normalizer, ParameterScoreImportance
+from oba.group_importance import DEFAULT_NORMALIZER, Normalizer, ParameterScoreImportance
 from oba.kfac import KronImportance, kfac_factors
 from oba.masks import current_weights, fisher_blocks, weight_name
 
@@ -396,7 +396,7 @@ class CriterionScorer(Scorer):
         criterion: str,
         loss_fn: LossFn | None = None,
         *,
-        normalizer: Normalizer = "mean",
+        normalizer: Normalizer = DEFAULT_NORMALIZER,
         group_reduction: str = "sum",
         progress: bool = False,
         score_fn: Callable[..., Params] | None = None,

@@ -348,20 +348,26 @@ def ggn_vp(model: nn.Module, loss_fn: LossFn, batch: Batch, vector: Mapping[str,
 
 
 def per_sample_gradients(
-    model: nn.Module, loss_fn: LossFn, batch: Batch, params=None, *, chunk_size: int | None = None
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    params=None,
+    *,
+    chunk_size: int | None = None,
+    hint: str = "Call model.eval() first.",
 ) -> Params:
     r"""Per-sample gradients :math:`g_n = \nabla_\theta \ell(f_\theta(x_n), y_n)`, ``[N, *p.shape]`` each.
 
     Computed with ``vmap(grad(.))`` over the batch, each sample run as a batch of one through
     ``loss_fn``, so :math:`\frac1N\sum_n g_n = \nabla_\theta L` for a mean-reduced loss.
     Undefined for BatchNorm in training mode (batch statistics couple the samples): that raises.
-    ``chunk_size`` samples are processed at a time (memory bound).
+    ``chunk_size`` samples are processed at a time (memory bound); ``hint`` ends that error (what to change).
     """
     bn_train = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if bn_train:
         raise ValueError(
             "per-sample gradients are undefined with BatchNorm in training mode (batch statistics couple "
-            f"the samples): {', '.join(bn_train)}. Call model.eval() first."
+            f"the samples): {', '.join(bn_train)}. {hint}"
         )
     primals = select_params(model, params)
     args, targets = split_batch(batch)

@@ -120,7 +120,7 @@ import torch
 from torch import Tensor, nn
 
 from oba.curvature import Batch, LossFn
-from oba.group_importance import Normalizer
+from oba.group_importance import DEFAULT_NORMALIZER, Normalizer
 from oba.kfac import KFACFactors, KronImportance, kfac_factors
 
 __all__ = [
@@ -352,7 +352,7 @@ def eigendamage_importance(
     sampled: bool = True,
     damping: float = 0.0,
     seed: int = 0,
-    normalizer: Normalizer = "mean",
+    normalizer: Normalizer = DEFAULT_NORMALIZER,
     group_reduction: str = "sum",
     progress: bool = False,
     factor_fn: Callable[..., dict[nn.Module, KFACFactors]] = kfac_factors,

@@ -90,7 +90,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning.pruner import function as tpf
 
-__all__ = ["ParameterScoreImportance", "StaleScoresError", "group_scores", "head_scores"]
+__all__ = ["DEFAULT_NORMALIZER", "ParameterScoreImportance", "StaleScoresError", "group_scores", "head_scores"]
 
 Scores = Mapping[str, Tensor]
 Normalizer = str | Callable[[Tensor], Tensor] | None
@@ -108,6 +108,12 @@ _PER_CHANNEL_AFFINE = (  # weight [C] and bias [C]; their in- and out-pruning fu
 )
 
 
+DEFAULT_NORMALIZER: Normalizer = "mean"
+"""The one default of every pruning route (a criterion by name, :class:`ParameterScoreImportance`, the K-FAC and
+EigenDamage importances): each group's channel scores divided by their mean, as Torch-Pruning's importances do, so
+groups of different fan-in and fan-out compete on one scale in a global ranking."""
+
+
 class StaleScoresError(RuntimeError):
     """A score tensor no longer matches its parameter's shape (the model was pruned after scoring)."""
 
@@ -122,13 +128,13 @@ class ParameterScoreImportance(tp.importance.Importance):
             given later with :meth:`set_scores`.
         group_reduction: ``"sum"`` (default), ``"mean"``, ``"max"`` or ``"first"``: how the dependencies
             of a group are combined.
-        normalizer: ``None`` (default: raw scores, e.g. loss-change estimates), ``"sum"``, ``"mean"``,
-            ``"max"`` (divide by that statistic of the group), ``"standarization"`` (min-max scaling to
-            [0, 1], Torch-Pruning's name), ``"gaussian"`` (zero mean, unit std), or a callable
-            ``Tensor[K] -> Tensor[K]``. Torch-Pruning's own importances default to ``"mean"``. With
-            ``global_pruning=True`` mind the scale: raw sums grow with a group's fan-in and fan-out, so a
-            whole group can fall under the global threshold, and Torch-Pruning then skips that group
-            (it never empties a layer) and prunes far less than asked; ``"mean"`` avoids it.
+        normalizer: ``"mean"`` (default, :data:`DEFAULT_NORMALIZER`, as for a criterion given by name and as
+            Torch-Pruning's own importances), ``"sum"``, ``"max"`` (divide by that statistic of the group),
+            ``"standarization"`` (min-max scaling to [0, 1], Torch-Pruning's name), ``"gaussian"`` (zero mean,
+            unit std), ``None`` (raw scores, e.g. loss-change estimates) or a callable ``Tensor[K] -> Tensor[K]``.
+            With ``None`` and ``global_pruning=True`` mind the scale: raw sums grow with a group's fan-in and
+            fan-out, so a whole group can fall under the global threshold, and Torch-Pruning then skips that
+            group (it never empties a layer) and prunes far less than asked; ``"mean"`` avoids it.
         absolute: take the absolute value of the reduced signed sum (default). ``False`` keeps the sign;
             the pruners rank by value, so use it for analysis, not for pruning.
 
@@ -151,7 +157,7 @@ class ParameterScoreImportance(tp.importance.Importance):
         scores: Scores | None = None,
         *,
         group_reduction: str = "sum",
-        normalizer: Normalizer = None,
+        normalizer: Normalizer = DEFAULT_NORMALIZER,
         absolute: bool = True,
     ) -> None:
         if group_reduction not in GROUP_REDUCTIONS:
@@ -446,7 +452,8 @@ def group_scores(
     """Channel scores of every pruning group of ``model``, keyed by the root module's name (for notebooks).
 
     Builds a ``tp.DependencyGraph`` on ``example_inputs`` and applies :class:`ParameterScoreImportance`
-    (``importance_kwargs``: ``group_reduction``, ``normalizer``, ``absolute``) to each group
+    (``importance_kwargs``: ``group_reduction``, ``normalizer`` -- default ``None`` here: raw scores for analysis,
+    not the pruning default -- and ``absolute``) to each group
     ``DG.get_all_groups(...)`` yields; groups without scored parameters are left out.
 
     Returns:
@@ -455,7 +462,7 @@ def group_scores(
     dg = tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, unwrapped_parameters=unwrapped_parameters, verbose=False
     )
-    importance = ParameterScoreImportance(model, scores, **importance_kwargs)
+    importance = ParameterScoreImportance(model, scores, **{"normalizer": None, **importance_kwargs})
     names = {m: n for n, m in model.named_modules()}
     result: dict[str, Tensor] = {}
     for group in dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=tuple(root_module_types)):

@@ -178,7 +178,13 @@ def obd_fisher(
     **_: Any,
 ) -> Params:
     if fisher == "per_sample":
-        grads = per_sample_gradients(model, loss_fn, batch, list(theta), chunk_size=chunk_size)
+        hint = (
+            "Criterion 'obd_fisher' with fisher='per_sample' (its default) needs them; change one argument: "
+            "score_mode='eval' (prune_structured and the experiments; or model.eval() before oba.score), or the "
+            "option fisher='per_batch' (make_scorer('obd_fisher', loss_fn, fisher='per_batch'); in the experiments "
+            "criterion_options={'obd_fisher': {'fisher': 'per_batch'}})."
+        )
+        grads = per_sample_gradients(model, loss_fn, batch, list(theta), chunk_size=chunk_size, hint=hint)
         diag = OrderedDict((n, (g**2).mean(0)) for n, g in grads.items())
     elif fisher == "per_batch":
         diag = OrderedDict((n, g**2) for n, g in gradient(model, loss_fn, batch, list(theta)).items())

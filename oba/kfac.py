@@ -52,7 +52,7 @@ from oba.batches import batch_count, first_checked, to_device
 from oba.curvature import Batch, LossFn, curvature_context, split_batch
 from oba.group_importance import _CONV_LINEAR_IN as _IN
 from oba.group_importance import _CONV_LINEAR_OUT as _OUT
-from oba.group_importance import Normalizer, ParameterScoreImportance
+from oba.group_importance import DEFAULT_NORMALIZER, Normalizer, ParameterScoreImportance
 from oba.importance import NonFiniteScoreError
 
 __all__ = [
@@ -321,7 +321,7 @@ class KronImportance(ParameterScoreImportance):
         *,
         damping: float = 1e-3,
         group_reduction: str = "sum",
-        normalizer: Normalizer = "mean",
+        normalizer: Normalizer = DEFAULT_NORMALIZER,
     ) -> None:
         if kind not in ("obd", "obs"):
             raise ValueError(f"kind must be 'obd' or 'obs', got {kind!r}")

@@ -200,11 +200,17 @@ def _restored_on_failure(model: nn.Module):
         raise
 
 
-def _score(scorer: Scorer, model: nn.Module, batches: list[Batch], score_mode: str | None) -> Any:
-    """The scorer's importance of the current model, computed in ``score_mode``; every module's mode restored."""
+def _score(
+    scorer: Scorer, model: nn.Module, batches: list[Batch], score_mode: str | None, given: Mapping[nn.Module, bool]
+) -> Any:
+    """The scorer's importance of the current model, computed in ``score_mode`` (``None``: every module in the mode
+    it had when the call began, ``given``; Torch-Pruning's tracing switches to eval); every module's mode restored."""
     with modes_restored(model):
         if score_mode is not None:
             model.train(score_mode == "train")
+        else:
+            for m in model.modules():
+                m.training = given.get(m, m.training)
         return scorer(model, batches)
 
 
@@ -224,7 +230,7 @@ def prune_structured(
     schedule: str = "exponential",
     step_targets: Sequence[float] | None = None,
     reference: nn.Module | None = None,
-    score_mode: str | None = "train",
+    score_mode: str | None = None,
     global_ranking: bool = True,
     max_channel_sparsity: float = 1.0,
     ignored_layers: Sequence[nn.Module | str] | None = None,
@@ -254,9 +260,12 @@ def prune_structured(
             ``steps``/``schedule``; e.g. ``[0.8, 0.6, 0.4]`` to stop (and evaluate, via ``on_step``) at each.
         reference: measure ``keep_flops``/``keep_params`` against this model (e.g. the dense model when
             ``model`` was pruned before, in iterative pruning) instead of ``model`` as given.
-        score_mode: ``"train"`` (batch statistics in BatchNorm, as the published OBA code; running
-            statistics are never updated), ``"eval"``, or ``None`` (the model's current mode). The model's
-            modes are restored afterwards.
+        score_mode: the rule: scores are computed in the mode the model is in (``None``, the default: call
+            ``model.eval()`` or ``model.train()`` first to choose), unless a mode is named: ``"train"`` (batch
+            statistics in BatchNorm, the published OBA code's protocol; running statistics are never updated) or
+            ``"eval"`` (running statistics). The model's modes are restored afterwards. A criterion that cannot
+            run in that mode fails before anything changes, naming the argument to change (``obd_fisher``'s
+            per-sample Fisher in train mode: ``score_mode="eval"`` or ``fisher="per_batch"``).
         global_ranking: rank units across all groups (True) or prune each group by the same fraction.
         max_channel_sparsity: no layer loses more than this fraction of its initial channels (or heads).
         ignored_layers: layers whose output channels stay, as modules or names in ``model.named_modules()``
@@ -294,7 +303,7 @@ def prune_structured(
     _check_model(model)
     check_example_inputs(model, example_inputs)
     ignored_layers = _resolve_layers(model, ignored_layers)
-    with _restored_on_failure(model):
+    with _restored_on_failure(model), modes_restored(model):  # Torch-Pruning's tracing switches to eval mode
         return _run(
             model, example_inputs, scorer, target, batches, batches_per_step, reference, score_mode, global_ranking,
             max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step,
@@ -306,6 +315,7 @@ def _run(
     max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:  # fmt: skip
     """:func:`prune_structured` after its arguments are checked (same arguments)."""
+    given = {m: m.training for m in model.modules()}  # the modes scoring uses when score_mode is None
     dense = count_flops(model if reference is None else reference, example_inputs)  # before any preparation
     prepared = scorer.prepare(model, ignored_layers)  # in place; the layers the criterion ignores, if it says
     ignored = list(default_ignored_layers(model) if prepared is None else prepared)
@@ -321,7 +331,7 @@ def _run(
         start = time.perf_counter()
         step_batches = stream.take(batches_per_step) if scorer.needs_data else []
         _check_batches(step_batches, example_inputs, step)
-        imp = _score(scorer, model, step_batches, score_mode)
+        imp = _score(scorer, model, step_batches, score_mode, given)
         scored = time.perf_counter()
         macs = macs_by_module(model, example_inputs) if target.kind == "flops" else {}
         removed = prune_step(ctx, imp, step_target, measure.kept, round_to, macs)

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 try:
+    import decomposition_tracing
     import oba_speed
 finally:
     sys.path.pop(0)
@@ -27,3 +28,9 @@ def test_oba_speed_method_runs(method):
         torch.set_num_threads(threads)  # measure() sets it for its worker process
     assert row["method"] == method
     assert row["median_s"] > 0 and row["peak_mb"] >= 0
+
+
+def test_the_tracing_benchmark_scores_both_criteria_on_every_step_and_traces_once_per_step():
+    rows = decomposition_tracing.run("resnet20", steps=2, batches=2, batch=2, keep=0.7, image=8)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["traces"] == 1 and 0 < r["trace_s"] < r["two_term_s"] and r["exact_s"] > 0 for r in rows)

@@ -631,3 +631,34 @@ def test_imagenette_val_real(require_data) -> None:
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and y == 701
     local = D.imagenette_val(labels="imagenette")
     assert sorted(set(local.targets.tolist())) == list(range(10))
+
+
+def test_scoring_batches_are_fixed_and_mixed_across_classes_of_a_class_ordered_dataset() -> None:
+    full = D.synthetic(400, shape=(3, 4, 4), num_classes=10, seed=0)
+    ordered = D.subset(full, indices=torch.argsort(full.targets, stable=True))  # stored class by class, as CIFAR JPEG
+    assert ordered.targets.tolist() == sorted(ordered.targets.tolist())
+
+    batches = D.scoring_batches(ordered, 6, 32, seed=3)
+    assert len(batches) == 6 and all(x.shape == (32, 3, 4, 4) and y.shape == (32,) for x, y in batches)
+    assert all(len(set(y.tolist())) > 1 for _, y in batches)
+    again = D.scoring_batches(ordered, 6, 32, seed=3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
+    other = D.scoring_batches(ordered, 6, 32, seed=4)
+    assert not torch.equal(batches[0][1], other[0][1])
+    seen = torch.cat([x.flatten(1) for x, _ in batches])
+    assert len(torch.unique(seen, dim=0)) == 6 * 32  # distinct items (one permutation)
+    assert batches.plan.shape == (6, 32)  # only indices are kept
+
+    # the documented ways with a subset: a shuffling loader mixes classes; an unshuffled one would not (the trap)
+    part = D.subset(ordered, 160, seed=0)
+    assert all(len(set(y.tolist())) > 1 for _, y in D.loader(part, 16, shuffle=True, seed=0))
+    assert any(len(set(y.tolist())) == 1 for _, y in D.loader(part, 16, shuffle=False))
+
+    many = D.scoring_batches(ordered, 30, 32, seed=3)  # more than one permutation holds (12 batches of 32 each)
+    assert len(many) == 30 and all(torch.equal(a[1], b[1]) for a, b in zip(many, many, strict=True))
+    assert all(len(torch.unique(x.flatten(1), dim=0)) == 32 for x, _ in many)  # no item twice in a batch
+    assert torch.equal(many[-1][0], list(many)[29][0])
+    with pytest.raises(ValueError, match=r"batch_size=401 is larger than the dataset \(400 items\)"):
+        D.scoring_batches(ordered, 1, 401)
+    with pytest.raises(ValueError, match="batch_size must be a whole number"):
+        D.scoring_batches(ordered, 2, 0)

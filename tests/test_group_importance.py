@@ -11,7 +11,13 @@ import torch_pruning as tp
 import torchvision
 from torch import Tensor, nn
 
-from oba.group_importance import ParameterScoreImportance, StaleScoresError, group_scores, head_scores
+from oba.group_importance import (
+    DEFAULT_NORMALIZER,
+    ParameterScoreImportance,
+    StaleScoresError,
+    group_scores,
+    head_scores,
+)
 
 
 # ----------------------------------------------------------------------------- models
@@ -177,17 +183,18 @@ def test_mlp_hidden_unit_by_hand():
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
     scores = random_scores(model)
     (group,) = [g for g in all_groups(model, torch.randn(2, 5)) if g[0].dep.target.module is model[0]]
-    imp = ParameterScoreImportance(model, scores)(group)
+    imp = ParameterScoreImportance(model, scores, normalizer=None)(group)
     by_hand = (scores["0.weight"].sum(1) + scores["0.bias"] + scores["2.weight"].sum(0)).abs()
     assert imp.shape == (7,)
     torch.testing.assert_close(imp, by_hand)
 
-    signed = ParameterScoreImportance(model, scores, absolute=False)(group)
+    signed = ParameterScoreImportance(model, scores, normalizer=None, absolute=False)(group)
     torch.testing.assert_close(signed.abs(), imp)
     # Groups for a subset of channels (tp's own importances need the full index range here).
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(2, 5), verbose=False)
     subset = dg.get_pruning_group(model[0], tp.prune_linear_out_channels, [5, 1, 3])
-    torch.testing.assert_close(ParameterScoreImportance(model, scores)(subset), by_hand[[5, 1, 3]])
+    raw = ParameterScoreImportance(model, scores, normalizer=None)
+    torch.testing.assert_close(raw(subset), by_hand[[5, 1, 3]])
     torch.testing.assert_close(head_scores(signed, 1), signed.sum().abs().reshape(1))
     torch.testing.assert_close(head_scores(signed, 7), imp)
 
@@ -199,8 +206,9 @@ def test_signed_scores_cancel_before_the_absolute_value():
     scores["0.weight"][:, 0] = torch.tensor([2.0, 2.0, 2.0])  # every hidden unit gets +2 from layer 1
     scores["2.weight"][:, 1] = torch.tensor([-1.0, -1.0])  # unit 1 gets -2 from layer 2: cancels
     (group,) = [g for g in all_groups(model, torch.randn(1, 4)) if g[0].dep.target.module is model[0]]
-    torch.testing.assert_close(ParameterScoreImportance(model, scores)(group), torch.tensor([2.0, 0.0, 2.0]))
-    imp_max = ParameterScoreImportance(model, scores, group_reduction="max", absolute=False)(group)
+    raw = ParameterScoreImportance(model, scores, normalizer=None)
+    torch.testing.assert_close(raw(group), torch.tensor([2.0, 0.0, 2.0]))
+    imp_max = ParameterScoreImportance(model, scores, normalizer=None, group_reduction="max", absolute=False)(group)
     torch.testing.assert_close(imp_max, torch.tensor([2.0, 2.0, 2.0]))  # largest |s_d| per unit, signed
 
 
@@ -237,7 +245,7 @@ def test_channel_score_is_the_sum_of_the_scores_torch_pruning_removes(make, exam
     torch.manual_seed(1)
     model = make()
     scores = random_scores(model)
-    imp = ParameterScoreImportance(model, scores, absolute=False)
+    imp = ParameterScoreImportance(model, scores, normalizer=None, absolute=False)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     for root, sets in channel_sets.items():
         module = dict(model.named_modules())[root]
@@ -259,7 +267,7 @@ def test_group_reductions_normalizers_and_group_scores():
     per_dep = torch.stack([conv1, bn1, conv2_in])
 
     def imp(**kw):
-        return ParameterScoreImportance(model, scores, **kw)(group)
+        return ParameterScoreImportance(model, scores, **{"normalizer": None, **kw})(group)
 
     torch.testing.assert_close(imp(group_reduction="mean"), per_dep.mean(0).abs())
     torch.testing.assert_close(imp(group_reduction="first"), conv1.abs())
@@ -270,6 +278,7 @@ def test_group_reductions_normalizers_and_group_scores():
     torch.testing.assert_close(imp(normalizer="standarization").min(), torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(imp(normalizer="gaussian").mean(), torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(imp(normalizer=lambda v: 2 * v), 2 * raw)
+    assert ParameterScoreImportance(model, scores).normalizer == DEFAULT_NORMALIZER == "mean"  # every route's default
     # a group scored all zero (e.g. units no batch reaches) stays zero where Torch-Pruning's formulas give NaN
     zero = {n: torch.zeros_like(s) for n, s in scores.items()}
     for normalizer in ("sum", "mean", "max"):

@@ -135,8 +135,8 @@ def _write_resnet20_checkpoint(data_dir: Path, state: dict) -> Path:
 
 def test_synthetic_checkpoint_round_trip(tmp_path):
     reference = resnet20().eval()
-    _write_resnet20_checkpoint(tmp_path, reference.state_dict())
-    loaded = models.load_pretrained("resnet20", tmp_path)
+    path = _write_resnet20_checkpoint(tmp_path, reference.state_dict())
+    loaded = models.load_pretrained("resnet20", path=path)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), reference(x))
 
@@ -146,7 +146,7 @@ def test_checkpoint_with_missing_key(tmp_path):
     del state["layer2.1.conv1.weight"]
     path = _write_resnet20_checkpoint(tmp_path, state)
     with pytest.raises(CheckpointError) as info:
-        models.load_pretrained("resnet20", tmp_path)
+        models.load_pretrained("resnet20", path=path)
     message = str(info.value)
     assert "missing keys (1): layer2.1.conv1.weight" in message
     assert str(path) in message and "pytorch_resnet_cifar10" in message
@@ -155,17 +155,17 @@ def test_checkpoint_with_missing_key(tmp_path):
 def test_checkpoint_with_unexpected_key(tmp_path):
     state = resnet20().state_dict()
     state["layer4.0.conv1.weight"] = torch.zeros(3)
-    _write_resnet20_checkpoint(tmp_path, state)
+    path = _write_resnet20_checkpoint(tmp_path, state)
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): layer4\.0\.conv1\.weight"):
-        models.load_pretrained("resnet20", tmp_path)
+        models.load_pretrained("resnet20", path=path)
 
 
 def test_checkpoint_with_wrong_shape(tmp_path):
     state = resnet20().state_dict()
     state["linear.weight"] = torch.zeros(100, 64)
-    _write_resnet20_checkpoint(tmp_path, state)
+    path = _write_resnet20_checkpoint(tmp_path, state)
     with pytest.raises(CheckpointError) as info:
-        models.load_pretrained("resnet20", tmp_path)
+        models.load_pretrained("resnet20", path=path)
     assert "shape mismatches (1): linear.weight: checkpoint (100, 64) vs model (10, 64)" in str(info.value)
 
 
@@ -174,7 +174,7 @@ def test_garbage_file_is_a_checkpoint_error(tmp_path):
     path.parent.mkdir()
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(CheckpointError, match="could not read .* as a PyTorch checkpoint") as info:
-        models.load_pretrained("resnet20", tmp_path)
+        models.load_pretrained("resnet20", path=path)
     assert str(path) in str(info.value) and "weights_only` set to `False" not in str(info.value)
 
 
@@ -182,7 +182,7 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path):
     path = _write_resnet20_checkpoint(tmp_path, resnet20().state_dict())
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="corrupt"):
-        models.load_pretrained("resnet20", tmp_path)
+        models.load_pretrained("resnet20", path=path)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_wrong_layout_is_a_checkpoint_error(tmp_path, content, fragment):
     path.parent.mkdir()
     torch.save(content, path)
     with pytest.raises(CheckpointError, match=fragment):
-        models.load_pretrained("resnet20", tmp_path)
+        models.load_pretrained("resnet20", path=path)
 
 
 def test_missing_checkpoint_says_where_it_looked(tmp_path):
@@ -207,6 +207,77 @@ def test_missing_checkpoint_says_where_it_looked(tmp_path):
     message = str(info.value)
     assert str(tmp_path / "checkpoints" / "resnet32-d509ac18.th") in message
     assert "pytorch_resnet_cifar10" in message and "OBA_DATA_DIR" in message
+
+
+CIFAR_RESNET_CHECKPOINTS = {  # the published pytorch_resnet_cifar10 files: name -> SHA-256 prefix in it
+    "resnet20": "12fca82f", "resnet32": "d509ac18", "resnet44": "014dd654", "resnet56": "4bfd9763",
+    "resnet110": "1d1ed7c2", "resnet1202": "f3b1deed",
+}  # fmt: skip
+
+
+def test_every_published_cifar_resnet_is_registered_by_file_name_and_checksum():
+    for name, digest in CIFAR_RESNET_CHECKPOINTS.items():
+        spec = models.get_spec(name)
+        assert spec.checkpoint == f"{name}-{digest}.th" and models.checkpoint_sha256_prefix(spec.checkpoint) == digest
+        assert spec.read_checkpoint is read_cifar_resnet_checkpoint
+    assert models.checkpoint_sha256_prefix("mnist_25_epoch_93.97.ckpt") is None
+
+
+def test_a_file_under_a_published_name_must_have_its_checksum(tmp_path):
+    torch.manual_seed(0)
+    state = cifar_resnet(56).state_dict()
+    path = tmp_path / "checkpoints" / "resnet56-4bfd9763.th"
+    path.parent.mkdir()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 0.0}, path)
+    with pytest.raises(CheckpointError, match=r"resnet56-4bfd9763\.th is not the published file.*path=") as info:
+        models.load_pretrained("resnet56", tmp_path)
+    assert "says 4bfd9763" in str(info.value)
+    loaded = models.load_pretrained("resnet56", path=path)  # your own file by its path: no checksum
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+
+
+def test_the_published_resnet20_is_found_by_name_in_a_data_directory(require_data, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet20-12fca82f.th").symlink_to(require_data(RESNET20_CKPT))
+    model = models.load_pretrained("resnet20", tmp_path)
+    state = read_cifar_resnet_checkpoint(require_data(RESNET20_CKPT))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model_state_dict", "model", "data_parallel"])
+def test_any_registry_model_loads_a_checkpoint_file_by_path(tmp_path, layout):
+    torch.manual_seed(0)
+    reference = models.create("vgg19_bn").eval()
+    state = reference.state_dict()
+    content = {
+        "plain": state, "state_dict": {"state_dict": state, "epoch": 3},
+        "model_state_dict": {"model_state_dict": state}, "model": {"model": state, "optimizer": {}},
+        "data_parallel": {f"module.{k}": v for k, v in state.items()},
+    }[layout]  # fmt: skip
+    torch.save(content, tmp_path / "vgg.pt")
+    loaded = models.load_pretrained("vgg19_bn", path=tmp_path / "vgg.pt")
+    assert not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), reference(x))
+
+
+def test_a_model_without_published_weights_says_how_to_load_a_file(tmp_path):
+    with pytest.raises(ValueError, match=r"no published weights .*'resnet44'|load_pretrained\('vgg19_bn', path="):
+        models.load_pretrained("vgg19_bn")
+    with pytest.raises(FileNotFoundError, match=r"load_pretrained\('resnet56', path="):
+        models.load_pretrained("resnet56", tmp_path)
+    torch.save({"optimizer": {}}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=r"a dict of tensors, or a dict holding one under"):
+        models.load_pretrained("vgg19_bn", path=tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="gone.pt"):
+        models.load_pretrained("vgg19_bn", path=tmp_path / "gone.pt")
+
+
+def test_load_state_dict_strict_needs_no_message_arguments():
+    model = resnet20()
+    models.load_state_dict_strict(model, resnet20().state_dict())
+    with pytest.raises(CheckpointError, match=r"the state dict does not fit CifarResNet: missing keys"):
+        models.load_state_dict_strict(model, {})
 
 
 def test_pickled_code_is_refused(tmp_path):
@@ -456,5 +527,5 @@ def test_create_passes_arguments_and_rejects_unknown_names():
     assert models.create("resnet32_4x", num_classes=100).conv1.out_channels == 64
     with pytest.raises(KeyError, match="available"):
         models.create("resnet18")
-    with pytest.raises(ValueError, match="no pretrained weights"):
+    with pytest.raises(ValueError, match="no published weights"):
         models.load_pretrained("vit_cifar")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+import oba
 import oba.models
 from oba.flops import count_flops
 from oba.group_importance import ParameterScoreImportance
@@ -190,6 +191,7 @@ def test_scoring_in_train_mode_keeps_running_stats_and_leaves_no_hooks(criterion
         batches=batches(2),
         batches_per_step=1,
         keep_flops=0.8,
+        score_mode="train",
         progress=False,
     )
     assert torch.equal(model.bn1.running_mean, stem)
@@ -197,6 +199,57 @@ def test_scoring_in_train_mode_keeps_running_stats_and_leaves_no_hooks(criterion
     for m in model.modules():
         assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
     assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- one rule, one default
+def test_scores_are_computed_in_the_models_own_mode_unless_one_is_named():
+    seen = []
+
+    def scorer(m, step_batches):
+        seen.append(m.training)
+        return tp.importance.GroupMagnitudeImportance()
+
+    for mode in (False, True):
+        model = resnet20().train(mode)
+        prune_structured(model, EXAMPLE, scorer, keep_flops=0.8, batches=batches(1), progress=False)
+        prune_structured(model, EXAMPLE, scorer, keep_flops=0.7, batches=batches(1), score_mode="train", progress=False)
+        assert model.training == mode  # restored
+    assert seen == [False, True, True, True]
+
+
+def test_a_criterion_that_cannot_run_in_the_mode_names_the_argument_to_change():
+    model = resnet20()  # eval mode: the per-sample Fisher is defined
+    widths = prune_structured(
+        copy.deepcopy(model), EXAMPLE, "obd_fisher", keep_flops=0.8, loss_fn=F.cross_entropy, batches=batches(1),
+        progress=False,
+    )[1][-1]["widths"]  # fmt: skip
+    explicit = prune_structured(
+        copy.deepcopy(model), EXAMPLE, "obd_fisher", keep_flops=0.8, loss_fn=F.cross_entropy, batches=batches(1),
+        score_mode="eval", progress=False,
+    )[1][-1]["widths"]  # fmt: skip
+    assert widths == explicit
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"score_mode='eval'.*fisher='per_batch'"):
+        prune_structured(
+            model, EXAMPLE, "obd_fisher", keep_flops=0.8, loss_fn=F.cross_entropy, batches=batches(1),
+            score_mode="train", progress=False,
+        )  # fmt: skip
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "oba"])
+def test_a_criterion_by_name_and_through_the_importance_class_prune_alike(criterion):
+    """One normaliser default (per group, by the mean) whichever route a criterion takes."""
+    data = batches(2)
+    by_name, by_class = resnet20(), resnet20()
+    _, h1 = prune_structured(
+        by_name, EXAMPLE, criterion, keep_flops=0.6, loss_fn=F.cross_entropy, batches=data, batches_per_step=2,
+        progress=False,
+    )  # fmt: skip
+    scores = oba.score(by_class, F.cross_entropy, data, criterion, progress=False)
+    _, h2 = prune_structured(by_class, EXAMPLE, ParameterScoreImportance(by_class, scores), keep_flops=0.6,
+                             progress=False)  # fmt: skip
+    assert h1[-1]["widths"] == h2[-1]["widths"]
 
 
 # ----------------------------------------------------------------------------- attention heads

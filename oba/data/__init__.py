@@ -32,6 +32,9 @@ Determinism
     it to the dataset (:class:`SeededIndex`), so random augmentation depends only on the loader's seed and
     the epoch -- not on the global RNG, nor on ``num_workers``. Saving and restoring
     ``loader.generator.get_state()`` (as :func:`oba.train.fine_tune` does) resumes the exact stream.
+    :func:`scoring_batches` draws a fixed list of batches across the whole dataset (whatever its storage order:
+    the CIFAR JPEG copy is stored class by class, and :func:`subset` keeps the parent's order), to score every
+    criterion and step on the same data.
     :func:`distributed_loader` gives each process of a :mod:`torch.distributed` group its part of the data
     (:class:`DistributedSeededSampler`; the same per-sample seeds whatever the number of processes).
 
@@ -56,7 +59,15 @@ from .cifar import (
     cifar100,
     original_order,
 )
-from .datasets import ImageFolderDataset, SeededIndex, SubsetDataset, TensorImageDataset, subset
+from .datasets import (
+    ImageFolderDataset,
+    ScoringBatches,
+    SeededIndex,
+    SubsetDataset,
+    TensorImageDataset,
+    scoring_batches,
+    subset,
+)
 from .imagenet import IMAGENETTE_TO_IMAGENET, IMAGENETTE_WNIDS, imagenet_folder, imagenette_val
 from .loading import DistributedSeededSampler, SeededSampler, distributed_loader, loader
 from .mnist_idx import mnist, read_idx
@@ -100,6 +111,8 @@ __all__ = [
     "resolve_cache_dir",
     "resolve_data_dir",
     "resolve_normalization",
+    "ScoringBatches",
+    "scoring_batches",
     "subset",
     "synthetic",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .normalization import Normalize
 from .paths import DatasetNotFoundError, PathLike
@@ -251,12 +251,16 @@ def subset(
     *,
     indices: Sequence[int] | Tensor | None = None,
 ) -> SubsetDataset:
-    """A subset of ``dataset``.
+    """A subset of ``dataset``, **in the parent's order**.
+
+    The items are kept in increasing index order (a random draw is sorted). Datasets stored class by class (the
+    JPEG CIFAR copy, ImageFolder layouts) therefore stay class-ordered: iterate such a subset with a shuffling
+    loader (``oba.data.loader(..., shuffle=True)``), or take fixed scoring batches with :func:`scoring_batches`,
+    never with an unshuffled loader (its batches would each hold one class).
 
     Args:
         n: how many items; ``None`` keeps all (with ``indices``: all of them).
-        seed: ``None`` takes the first ``n`` items; an int draws ``n`` distinct items at random with that seed
-            (returned in increasing index order, so the subset keeps the parent's order).
+        seed: ``None`` takes the first ``n`` items; an int draws ``n`` distinct items at random with that seed.
         indices: explicit indices instead (``n`` and ``seed`` are then ignored).
     """
     if indices is not None:
@@ -269,6 +273,52 @@ def subset(
         return SubsetDataset(dataset, torch.arange(n))
     g = torch.Generator().manual_seed(int(seed))
     return SubsetDataset(dataset, torch.randperm(total, generator=g)[:n].sort().values)
+
+
+class ScoringBatches(Sequence):
+    """A fixed, reproducible sequence of batches drawn at random across a whole dataset (see :func:`scoring_batches`).
+
+    Only the plan (``[num_batches, batch_size]`` indices) is stored; batch ``i`` is built from the dataset when it is
+    read, identically on every read, so the sequence costs no memory for images and gives the same batches on every
+    pass, to every criterion and every pruning step.
+    """
+
+    def __init__(self, dataset: Dataset, num_batches: int, batch_size: int, seed: int = 0) -> None:
+        for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        total = len(dataset)  # type: ignore[arg-type]
+        if batch_size > total:
+            raise ValueError(f"batch_size={batch_size} is larger than the dataset ({total} items)")
+        g = torch.Generator().manual_seed(int(seed))
+        per_pass = total // batch_size  # batches per permutation; the rest of each is dropped (no repeats in a batch)
+        passes = -(-num_batches // per_pass)
+        used = per_pass * batch_size
+        plan = [torch.randperm(total, generator=g)[:used].view(per_pass, batch_size) for _ in range(passes)]
+        self.dataset, self.plan = dataset, torch.cat(plan)[:num_batches]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        return tuple(default_collate([self.dataset[j] for j in self.plan[i].tolist()]))  # type: ignore[return-value]
+
+
+def scoring_batches(dataset: Dataset, num_batches: int, batch_size: int, seed: int = 0) -> ScoringBatches:
+    """``num_batches`` fixed batches of ``batch_size`` items of ``dataset``, drawn at random across the whole dataset
+    (so across classes, whatever its storage order) with ``seed``: a :class:`ScoringBatches` sequence.
+
+    Reuse it to score every criterion, every pruning step and every run on identical data (a shuffling loader gives
+    other batches on each pass). Items within a batch are distinct; successive permutations of the dataset supply
+    the batches when more are asked for than one permutation holds. Items are read without augmentation seeds
+    (plain indices); batches are ``(inputs [B, ...], targets [B])`` as ``default_collate`` stacks them.
+
+    Raises:
+        ValueError: ``batch_size`` exceeds the dataset, or an argument is not a whole number >= 1.
+    """
+    return ScoringBatches(dataset, num_batches, batch_size, seed)
 
 
 Split = Literal["train", "test"]

@@ -3,15 +3,19 @@
 >>> import oba.models
 >>> model = oba.models.create("resnet20", num_classes=10)          # random initialisation
 >>> model = oba.models.load_pretrained("resnet20")                  # reads <data_dir>/checkpoints
+>>> model = oba.models.load_pretrained("vgg19_bn", path="my_vgg.pt")  # any registry model, your own file
 >>> spec = oba.models.get_spec("resnet20"); spec.mean, spec.input_shape
 
 Each :class:`ModelSpec` records the dataset a model is meant for, the input normalisation it
-expects, its input shape and, where one exists, its pretrained checkpoint.
+expects, its input shape and, where one exists, its published checkpoint: the CIFAR ResNets of
+https://github.com/akamaster/pytorch_resnet_cifar10 (depths 20, 32, 44, 56, 110 and 1202) are recognised by file name
+when dropped into ``<data_dir>/checkpoints/`` and checked against the SHA-256 prefix their names carry.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +38,7 @@ from oba.data.normalization import (
 )
 
 from . import cifar_resnet, mlpnet, torchvision_models, vgg, vit
-from .checkpoints import CheckpointError, load_state_dict_strict
+from .checkpoints import CheckpointError, check_file_hash, load_state_dict_strict, read_state_dict
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut
 from .mlpnet import MLPNet
 from .torchvision_models import PretrainedWeightsError
@@ -54,6 +58,7 @@ __all__ = [
     "PretrainedWeightsError",
     "VisionTransformer",
     "available",
+    "checkpoint_sha256_prefix",
     "create",
     "get_spec",
     "load_pretrained",
@@ -70,7 +75,8 @@ class ModelSpec:
         dataset: ``"cifar10"``, ``"cifar100"``, ``"mnist"`` or ``"imagenet"``.
         mean, std: per-channel input normalisation, in ``[0, 1]`` pixel units.
         input_shape: one input without the batch dimension, ``(C, H, W)``.
-        checkpoint: file name under ``<data_dir>/checkpoints/``, or ``None``.
+        checkpoint: file name under ``<data_dir>/checkpoints/``, or ``None``; a name ending ``-<8 hex>.<ext>``
+            (torch.hub's convention) is checked against the file's SHA-256 (:func:`checkpoint_sha256_prefix`).
         read_checkpoint: ``read_checkpoint(path) -> state_dict`` for ``builder()``'s model.
         checkpoint_source: where to obtain the checkpoint, for error messages.
         torchvision_pretrained: weights come from torchvision (``builder(pretrained=True)``).
@@ -111,12 +117,13 @@ def _cifar_resnet_spec(
 
 
 def _build_registry() -> Mapping[str, ModelSpec]:
-    specs = [
+    specs = [  # the published "pytorch_resnet_cifar10" checkpoints, every depth released
         _cifar_resnet_spec(20, "resnet20-12fca82f.th"),
         _cifar_resnet_spec(32, "resnet32-d509ac18.th"),
-        _cifar_resnet_spec(44),
-        _cifar_resnet_spec(56),
-        _cifar_resnet_spec(110),
+        _cifar_resnet_spec(44, "resnet44-014dd654.th"),
+        _cifar_resnet_spec(56, "resnet56-4bfd9763.th"),
+        _cifar_resnet_spec(110, "resnet110-1d1ed7c2.th"),
+        _cifar_resnet_spec(1202, "resnet1202-f3b1deed.th"),
         _cifar_resnet_spec(32, width=4, name="resnet32_4x"),
         ModelSpec(
             "resnet32_4x_cifar100",
@@ -191,40 +198,64 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     return get_spec(name).builder(**kwargs)
 
 
-def load_pretrained(name: str, data_dir: str | os.PathLike | None = None) -> nn.Module:
+def checkpoint_sha256_prefix(file_name: str) -> str | None:
+    """The SHA-256 prefix a published checkpoint's name carries (``resnet20-12fca82f.th`` -> ``"12fca82f"``)."""
+    found = re.search(r"-([0-9a-f]{8,})\.[A-Za-z0-9]+$", file_name)
+    return found.group(1) if found else None
+
+
+def load_pretrained(
+    name: str, data_dir: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None
+) -> nn.Module:
     """The pretrained model ``name`` in eval mode, on the CPU.
 
-    Local checkpoints are read from ``<data_dir>/checkpoints/<spec.checkpoint>``, with
-    ``data_dir`` resolved by :func:`oba.data.resolve_data_dir` (argument, ``$OBA_DATA_DIR``, or
-    the project's ``data/``), with ``weights_only=True`` and loaded strictly. torchvision models
-    download their weights instead (see :mod:`oba.models.torchvision_models`).
+    * ``path`` given: the checkpoint file you have, for any registry model: read with the model's own reader when
+      it has a published format, else as a state dict (a dict of tensors, or one under ``"state_dict"``,
+      ``"model_state_dict"`` or ``"model"``; a ``module.`` prefix is stripped), loaded strictly.
+    * else the published checkpoint ``<data_dir>/checkpoints/<spec.checkpoint>``, with ``data_dir`` resolved by
+      :func:`oba.data.resolve_data_dir` (argument, ``$OBA_DATA_DIR``, or the project's ``data/``), checked against
+      the SHA-256 prefix in its name;
+    * torchvision models download their weights instead (see :mod:`oba.models.torchvision_models`).
+
+    Every file is read with ``weights_only=True``.
 
     Raises:
-        FileNotFoundError: the checkpoint is not in the data directory (says where it looked).
-        CheckpointError: the file is unreadable or does not fit the model.
+        FileNotFoundError: the checkpoint is not there (says where it looked, and how to load a file you have).
+        CheckpointError: the file is unreadable, is not the published file its name says, or does not fit the model.
         PretrainedWeightsError: torchvision weights could not be obtained.
-        ValueError: no pretrained weights exist for ``name``.
+        ValueError: no published weights exist for ``name`` (pass ``path=``).
     """
     spec = get_spec(name)
+    source = spec.checkpoint_source
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file for {name!r} not found: {path}")
+        if spec.read_checkpoint is not None:  # a published format: e.g. your own training in that repository
+            return _load_strictly(spec, spec.read_checkpoint(path), path, f"a checkpoint of {name!r} as in {source}")
+        return _load_strictly(spec, read_state_dict(path, expected=f"a state_dict of {name!r}"), path, name)
     if spec.torchvision_pretrained:
         return spec.builder(pretrained=True).eval()
     if spec.checkpoint is None or spec.read_checkpoint is None:
         with_weights = [n for n, s in REGISTRY.items() if s.checkpoint or s.torchvision_pretrained]
         raise ValueError(
-            f"no pretrained weights are registered for {name!r}; models with weights: {sorted(with_weights)}"
+            f"no published weights are registered for {name!r} (models with weights: {sorted(with_weights)}); "
+            f"to load a checkpoint file you have: oba.models.load_pretrained({name!r}, path='your_file.pt')"
         )
     path = resolve_data_dir(data_dir) / "checkpoints" / spec.checkpoint
     if not path.is_file():
         raise FileNotFoundError(
             f"pretrained checkpoint for {name!r} not found: looked for {path}. Get "
-            f"{spec.checkpoint} from {spec.checkpoint_source} and put it in the 'checkpoints' "
-            "folder of the data directory (pass data_dir=... or set OBA_DATA_DIR)."
+            f"{spec.checkpoint} from {source} and put it in the 'checkpoints' "
+            "folder of the data directory (pass data_dir=... or set OBA_DATA_DIR); or, to load a checkpoint file "
+            f"you have, oba.models.load_pretrained({name!r}, path='your_file')."
         )
+    if (prefix := checkpoint_sha256_prefix(spec.checkpoint)) is not None:
+        check_file_hash(path, prefix)
+    return _load_strictly(spec, spec.read_checkpoint(path), path, f"a checkpoint of {name!r} from {source}")
+
+
+def _load_strictly(spec: ModelSpec, state_dict: Mapping[str, Tensor], path: Path, expected: str) -> nn.Module:
     model = spec.builder()
-    load_state_dict_strict(
-        model,
-        spec.read_checkpoint(path),
-        source=path,
-        expected=f"a checkpoint of {name!r} from {spec.checkpoint_source}",
-    )
+    load_state_dict_strict(model, state_dict, source=path, expected=expected)
     return model.eval()

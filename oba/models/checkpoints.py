@@ -12,6 +12,7 @@ unexpected key and shape mismatch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,12 +24,17 @@ from oba.io import DamagedFileError, UnsafeCheckpointError, load_torch
 
 __all__ = [
     "CheckpointError",
+    "check_file_hash",
     "get_entry",
     "get_state_dict",
     "load_state_dict_strict",
+    "read_state_dict",
     "read_torch_file",
     "strip_prefix",
 ]
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+"""Where :func:`read_state_dict` looks for the tensors in a checkpoint dict, in this order."""
 
 _MAX_KEYS_SHOWN = 12
 
@@ -101,6 +107,47 @@ def get_state_dict(
     return strip_prefix(state_dict, prefix)
 
 
+def read_state_dict(path: str | os.PathLike, *, expected: str = "a state_dict") -> dict[str, Tensor]:
+    """The state dict in a checkpoint file of a common layout (``weights_only=True``): a dict of tensors itself, or
+    one under ``"state_dict"``, ``"model_state_dict"`` or ``"model"`` (e.g. :func:`oba.train.fine_tune`'s
+    checkpoints), with a ``module.`` prefix (``nn.DataParallel``) stripped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file cannot be read, or holds none of these layouts.
+    """
+    obj = read_torch_file(path, expected=expected)
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return strip_prefix(obj)
+    for key in STATE_DICT_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            return get_state_dict(obj, key, path=path, expected=expected)
+    keys = f" with keys {_preview(obj.keys())}" if isinstance(obj, Mapping) else ""
+    raise CheckpointError(
+        f"{path}: expected {expected}: a dict of tensors, or a dict holding one under {list(STATE_DICT_KEYS)}; "
+        f"the file holds a {type(obj).__name__}{keys}"
+    )
+
+
+def check_file_hash(path: str | os.PathLike, prefix: str) -> None:
+    """Check that the SHA-256 of the file at ``path`` starts with ``prefix`` (the torch.hub convention of naming a
+    published checkpoint ``<name>-<first 8 hex digits of its sha256>.<ext>``).
+
+    Raises:
+        CheckpointError: the digest differs (a different or damaged file under the published name).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise CheckpointError(
+            f"{path} is not the published file of that name: its SHA-256 begins {digest.hexdigest()[:8]}, the name "
+            f"says {prefix}. It is damaged or a different checkpoint: get the published file again, or load your "
+            "own file by its path (oba.models.load_pretrained(name, path=...)), which skips this check"
+        )
+
+
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
     """Remove ``prefix`` (e.g. the ``module.`` left by ``nn.DataParallel``) from every key that has it."""
     return {(key.removeprefix(prefix)): value for key, value in state_dict.items()}
@@ -133,16 +180,16 @@ def load_state_dict_strict(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
     *,
-    source: str | os.PathLike,
-    expected: str,
+    source: str | os.PathLike | None = None,
+    expected: str | None = None,
 ) -> None:
     """Copy ``state_dict`` into ``model``, requiring exactly the model's keys and shapes.
 
     Args:
         model: the model to fill in place.
         state_dict: parameter and buffer tensors keyed like ``model.state_dict()``.
-        source: where the tensors came from (a file path), for error messages.
-        expected: the expected checkpoint format, for error messages.
+        source: where the tensors came from (a file path), for error messages (optional).
+        expected: the expected checkpoint format, for error messages (optional).
 
     BatchNorm's ``num_batches_tracked`` counter is the one key that may be absent (checkpoints
     saved before PyTorch 0.4.1 lack it; PyTorch fills it in the same way); the model keeps its
@@ -158,9 +205,9 @@ def load_state_dict_strict(
             state_dict[key] = own[key].clone()
     problems = state_dict_mismatches(own, state_dict)
     if problems:
-        raise CheckpointError(
-            f"{source} does not fit {type(model).__name__} (expected {expected}): " + "; ".join(problems)
-        )
+        where = "the state dict" if source is None else str(source)
+        what = f" (expected {expected})" if expected else ""
+        raise CheckpointError(f"{where} does not fit {type(model).__name__}{what}: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)
 
 
