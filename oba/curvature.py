@@ -37,6 +37,13 @@ PyTorch traps handled by :func:`curvature_context` (entered by every function he
 * Train-mode BatchNorm would update its running statistics in place (which ``torch.func`` transforms
   refuse, and which would corrupt the model): running statistics are switched off for the duration, so
   batch statistics are used exactly as in a training step and the buffers are left untouched.
+* ``hardsigmoid`` (MobileNetV3's squeeze-excitation gate, in torchvision and timm) has no derivative of its
+  backward (neither double backward nor forward-mode): inside the context ``F.hardsigmoid`` (and so
+  ``nn.Hardsigmoid``) is computed as :math:`\mathrm{hardtanh}(x + 3, 0, 6) / 6`, the same values bit for bit
+  (float16/bfloat16 computed in float32, as PyTorch's kernel does) and the same first derivative (0 at
+  :math:`x = \pm 3`), which has second derivatives (zero almost everywhere). In float64 its slope is exactly
+  1/6, where PyTorch's own backward returns 1/6 rounded to float32. ``hardswish`` and the other activations of
+  the torchvision and timm models have double-backward and forward-mode derivatives of their own.
 * Full backward hooks (``register_full_backward_hook``, BackPACK's ``extend``) break ``torch.func``:
   they are detached for the duration and put back afterwards. Forward (pre-)hooks stay active, so
   ``torch.nn.utils.prune`` reparametrisations (``weight = weight_orig * weight_mask``) work; the
@@ -52,9 +59,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from oba.batches import LossFn, split_batch
 from oba.standardization import closed_form_batch_norm
@@ -174,13 +183,34 @@ def check_vector(vector: Mapping[str, Tensor], primals: Params) -> Params:
 # --------------------------------------------------------------------------------------------------
 # The context every curvature computation runs in
 # --------------------------------------------------------------------------------------------------
+def _hardsigmoid(x: Tensor) -> Tensor:
+    """``F.hardsigmoid(x)`` with second derivatives: the same values, as a composition of ops that have them."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    y = F.hardtanh((x.float() if low else x) + 3.0, 0.0, 6.0) / 6.0
+    return y.to(x.dtype) if low else y
+
+
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Computes the functions PyTorch cannot differentiate twice as compositions with the same values (module
+    docstring); every other call passes through."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x, inplace = args[0], kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            y = _hardsigmoid(x)
+            return x.copy_(y) if inplace else y
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def curvature_context(model: nn.Module) -> Iterator[None]:
     """Make ``model`` safe for ``torch.func`` second derivatives, and restore it afterwards.
 
     Inside: grad mode on, the math SDPA backend and no fused ``nn.MultiheadAttention`` fast path
-    (neither has forward-mode derivatives); train-mode BatchNorm uses batch statistics without updating its
-    running statistics; full backward hooks are detached. See the module docstring for why.
+    (neither has forward-mode derivatives); ``hardsigmoid`` computed by ops with second derivatives (same
+    values); train-mode BatchNorm uses batch statistics without updating its running statistics; full backward
+    hooks are detached. See the module docstring for why.
     """
     norms = [
         m
@@ -197,7 +227,7 @@ def curvature_context(model: nn.Module) -> Iterator[None]:
         for m in hooked:
             m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
             m._is_full_backward_hook = None
-        with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+        with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), _TwiceDifferentiable():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

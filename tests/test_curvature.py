@@ -17,6 +17,7 @@ from oracles import dense_ggn, fd_hessian, random_vector, rel_err
 from torch import nn
 
 import oba
+import oba.decompose
 from oba.curvature import (
     empirical_fisher_vp,
     finite_difference_hvp,
@@ -255,6 +256,62 @@ def test_torchvision_resnet18(train):
     assert all(not t.requires_grad for t in hv.values())
     for k, t in before.items():
         assert torch.equal(t, model.state_dict()[k]), k
+
+
+class _HardSE(nn.Module):
+    """MobileNetV3's block in small: conv, hardswish, squeeze-excitation gated by hardsigmoid, classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 2, 1), nn.ReLU(), nn.Conv2d(2, 4, 1))
+        self.gate, self.fc = nn.Hardsigmoid(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.hardswish(self.conv(x))
+        x = x * self.gate(self.se(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hardsigmoid_gets_second_derivatives_with_the_same_values():
+    """PyTorch has no derivative of hardsigmoid's backward; inside curvature_context it is computed by ops that
+    have one, with the same outputs, and the HVP (both methods) and the decomposition agree with finite
+    differences (the first derivative only, computed outside any context)."""
+    torch.manual_seed(0)
+    model = _HardSE().double()
+    with torch.no_grad():
+        model.se[3].bias.fill_(1.0)  # gate inputs spread over (-3, 3) and beyond: both kinks and the slope
+    batch = (torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward"):
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        (g,) = torch.autograd.grad(loss, model.conv.weight, create_graph=True)
+        torch.autograd.grad(g.sum(), model.conv.weight)  # what PyTorch does without the context
+    plain = model(batch[0])
+    with oba.curvature_context(model):
+        assert torch.equal(model(batch[0]), plain)
+        x = torch.linspace(-5, 5, 1001, dtype=torch.float32)
+        assert torch.equal(F.hardsigmoid(x), torch._C._nn.hardsigmoid(x))
+    v = random_vector(select_params(model))
+    fd = flatten_params(finite_difference_hvp(model, F.cross_entropy, batch, v))
+    for method in ("rev_rev", "fwd_rev"):
+        hv = flatten_params(hvp(model, F.cross_entropy, batch, v, method=method))
+        assert rel_err(hv, fd) < FD_RTOL, method
+    parts = oba.decompose.decomposed_hvp(model, F.cross_entropy, batch, v)
+    total = sum(flatten_params(t) for t in parts.values())
+    assert rel_err(total, fd) < FD_RTOL
+
+
+def test_torchvision_mobilenet_v3_small_hvp():
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    model = mobilenet_v3_small(num_classes=3).double().eval()
+    batch = (torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2]))  # 32x32 takes 50x longer
+    params = ["features.1.block.1.fc2.weight", "features.4.block.2.fc1.weight", "classifier.3.weight"]
+    v = random_vector(select_params(model, params))
+    hv = hvp(model, F.cross_entropy, batch, v, params=params)
+    ref = double_backward_hvp(model, F.cross_entropy, batch, v, params)
+    assert rel_err(flatten_params(hv), flatten_params(ref)) < EXACT_RTOL
 
 
 # -------------------------------------------------------------------------------------------------
