@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-__all__ = ["StepContext", "prune_step", "rank_units", "remove_until"]
+__all__ = ["StepContext", "channel_groups", "prune_step", "rank_units", "remove_until"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ class _Group:
     handler: Callable
     alive: list[int]  # root channel indices (numbering at step start) still present
     min_channels: int  # the root may not go below this
-    unit_size: int  # 1 for channels, head width for heads
+    unit_size: int  # 1 for channels, head width for heads, the number of channel groups for grouped layers
     heads_of: list[nn.Module] = field(default_factory=list)  # q/k/v layers when units are heads
 
 
@@ -138,6 +138,20 @@ def rank_units(
             if d.target.module in ctx.num_heads and ctx.dg.is_out_channel_pruning_fn(d.handler)
         ]
         init = ctx.initial_width.get(root, n)
+        groups_of_channels = 1 if heads_of else channel_groups(ctx.dg, group)
+        if groups_of_channels > 1:  # grouped convolutions, GroupNorm: slot j leaves every group at once
+            k = groups_of_channels
+            size = n // k
+            scores = imp.detach().double().reshape(k, size).mean(0)
+            min_channels = k * max(1, math.ceil(init // k * (1 - ctx.max_sparsity)))
+            per_channel = 1.0 if ctx.kind == "channels" else _channel_cost(ctx.dg, group, ctx.kind, macs, ctx.names)
+            cost = k * per_channel / ctx.dense_total
+            gi = len(groups)
+            groups.append(_Group(root, handler, list(range(n)), min_channels, k))
+            for rank, j in enumerate(torch.argsort(scores).tolist()):
+                key = float(scores[j]) if ctx.global_ranking else (rank + 1) / size
+                units.append(_Unit(key, gi, tuple(j + g * size for g in range(k)), cost))
+            continue
         if heads_of:
             h = ctx.num_heads[heads_of[0]]
             size = n // h
@@ -159,6 +173,23 @@ def rank_units(
             units.append(_Unit(key, gi, tuple(range(u * size, (u + 1) * size)), cost))
     units.sort()
     return groups, units
+
+
+def channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
+    """How many channel groups the layers of ``group`` split their channels into (grouped convolutions, GroupNorm;
+    depthwise convolutions, whose every channel is its own group, do not count): a unit of such a group is one
+    channel slot of every channel group, so that the groups stay equal (as Torch-Pruning's ``MetaPruner`` does)."""
+    found = [1]
+    for dep, _ in group:
+        layer = dep.target.module
+        pruner = dg.get_pruner_of_module(layer)
+        if pruner is None or isinstance(layer, nn.Parameter):
+            continue
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == layer.out_channels:
+            continue  # depthwise
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        found.append(pruner.get_out_channel_groups(layer) if out else pruner.get_in_channel_groups(layer))
+    return max(found)
 
 
 def _round_removal(group: _Group, chosen: list[int], pending: list[int], round_to: int | None) -> list[int]:

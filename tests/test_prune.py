@@ -252,6 +252,28 @@ def test_a_criterion_by_name_and_through_the_importance_class_prune_alike(criter
     assert h1[-1]["widths"] == h2[-1]["widths"]
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "oba"])
+def test_grouped_convolutions_and_group_norm_lose_the_same_slots_in_every_group(criterion):
+    """ResNeXt / RegNet style: a grouped 3x3 conv between 1x1 convs, GroupNorm; units are one channel slot of every
+    channel group (before: uneven groups and "Invalid channel dimensions")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.GroupNorm(8, 32), nn.ReLU(),
+        nn.Conv2d(32, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    _, history = prune_structured(
+        model, x, criterion, keep_flops=0.6, steps=2, loss_fn=F.cross_entropy, batches=data, progress=False
+    )
+    grouped, norm = model[3], model[4]
+    assert grouped.groups == 4 and grouped.out_channels % 4 == 0 and grouped.in_channels % 4 == 0
+    assert norm.num_channels % norm.num_groups == 0 and norm.num_channels == grouped.out_channels
+    assert 0.5 < history[-1]["flops_kept"] <= 0.6 + 1e-9
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
 # ----------------------------------------------------------------------------- attention heads
 def test_whole_heads_are_pruned_consistently_and_the_model_saves(tmp_path):
     model = small_vit()

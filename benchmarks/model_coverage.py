@@ -1,0 +1,165 @@
+"""Which models ``oba.prune_structured`` prunes: the coverage table (issue #13).
+
+    python benchmarks/model_coverage.py [--source torchvision] [--criteria magnitude oba] [--only resnet18 ...]
+                                        [--out results/coverage.jsonl] [--timeout 600] [--memory-gb 8]
+
+For every model of the source (torchvision: ``torchvision.models.list_models(module=torchvision.models)``), at
+random initialisation and in eval mode, on synthetic inputs (4 images of 64x64; 224x224 where the architecture
+fixes it, 96x96 for Inception-v3): prune with each criterion to 0.6 of the MACs in 2 steps of one scoring batch,
+then check that the pruned model runs, met the target, and saves and loads. One model and criterion per fresh
+subprocess (memory limit ``--memory-gb`` on its address space, ``--timeout`` seconds), so a failure or a memory
+blow-up is that row's result and its peak resident memory is its own.
+
+Each row: model, family, source, criterion, status (``pass`` / ``fail``), the error's first line, MACs and
+parameters kept, time, peak memory (MB), CPU latency of the dense and the pruned model on one input (median of 5).
+Rows are appended to ``--out`` as they finish (a rerun skips the rows already there); a summary per source
+is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KEEP = 0.6
+FIXED_224 = re.compile(r"^(vit_|swin|maxvit)")
+
+
+def family(name: str) -> str:
+    """``resnext50_32x4d`` -> ``resnext``, ``efficientnet_v2_s`` -> ``efficientnet``, ``vit_b_16`` -> ``vit``."""
+    return re.match(r"[a-z]+", name).group(0)  # type: ignore[union-attr]
+
+
+def input_size(name: str) -> int:
+    if FIXED_224.match(name):
+        return 224
+    return 96 if name == "inception_v3" else 64
+
+
+def _latency_ms(model, x, repeats: int = 5) -> float:
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
+    """Prune one model with one criterion (in this process); the row of the table."""
+    import torch
+    import torch.nn.functional as F
+
+    import oba
+    from oba.flops import count_flops
+
+    torch.manual_seed(0)
+    if source != "torchvision":
+        raise ValueError(f"unknown source {source!r}")
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    side = input_size(name)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, side, side, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    example = torch.randn(1, 3, side, side, generator=g)
+    dense = count_flops(model, example)
+    latency_dense = _latency_ms(model, example)
+    start = time.perf_counter()
+    oba.prune_structured(
+        model, example, criterion, keep_flops=KEEP, steps=2, batches_per_step=1, loss_fn=F.cross_entropy,
+        batches=batches, progress=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    pruned = count_flops(model, example)
+    assert model(batches[0][0]).shape == (4, 10)
+    assert pruned.macs / dense.macs <= KEEP + 1e-9, f"target missed: {pruned.macs / dense.macs:.3f} of the MACs"
+    path = Path(tmp) / f"{name}.pt"
+    torch.save(model.state_dict(), path)  # the generic save/load of pruned third-party models is still to come
+    return {
+        "macs_kept": pruned.macs / dense.macs, "params_kept": pruned.params / dense.params, "seconds": seconds,
+        "latency_dense_ms": latency_dense, "latency_pruned_ms": _latency_ms(model, example),
+    }  # fmt: skip
+
+
+def names(source: str) -> list[str]:
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.list_models(module=torchvision.models)
+    raise ValueError(f"unknown source {source!r}")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """The subprocess: one row as JSON on the last line of stdout."""
+    limit = int(args.memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    row = {"model": args.worker, "family": family(args.worker), "source": args.source, "criterion": args.criteria[0]}
+    try:
+        row.update(measure(args.source, args.worker, args.criteria[0], args.tmp), status="pass", error="")
+    except BaseException as err:  # noqa: BLE001 -- every failure is a row of the table
+        first = (str(err).strip().splitlines() or [""])[0]
+        row.update(status="fail", error=f"{type(err).__name__}: {first}"[:300])
+    row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="torchvision", choices=["torchvision"])
+    parser.add_argument("--criteria", nargs="+", default=["magnitude", "oba"])
+    parser.add_argument("--only", nargs="*", help="model names")
+    parser.add_argument("--skip", nargs="*", default=[], help="model names to leave out")
+    parser.add_argument("--out", default="results/coverage.jsonl")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--memory-gb", type=float, default=8)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", default="/tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from oba.io import append_jsonl, read_jsonl
+
+    done = {(r["model"], r["criterion"]) for r in read_jsonl(out)} if out.exists() else set()
+    todo = [n for n in (args.only or names(args.source)) if n not in args.skip]
+    for name in todo:
+        for criterion in args.criteria:
+            if (name, criterion) in done:
+                continue
+            cmd = [sys.executable, __file__, "--worker", name, "--source", args.source, "--criteria", criterion,
+                   "--memory-gb", str(args.memory_gb), "--tmp", str(out.parent)]  # fmt: skip
+            try:
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                lines = run.stdout.strip().splitlines()
+                row = json.loads(lines[-1]) if lines else None
+                if row is None:
+                    tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+                    row = {"status": "fail", "error": f"the worker died (return code {run.returncode}): {tail}"[:300]}
+            except subprocess.TimeoutExpired:
+                row = {"status": "fail", "error": f"timeout after {args.timeout:.0f} s"}
+            row = {"model": name, "family": family(name), "source": args.source, "criterion": criterion, **row}
+            append_jsonl(out, row)
+            print(f"{name:24} {criterion:10} {row['status']:4} {row.get('error', '')[:90]}", flush=True)
+    rows = read_jsonl(out)
+    for criterion in args.criteria:
+        mine = [r for r in rows if r["criterion"] == criterion and r["source"] == args.source]
+        passed = sum(r["status"] == "pass" for r in mine)
+        print(f"{args.source} / {criterion}: {passed} of {len(mine)} pass")
+
+
+if __name__ == "__main__":
+    main()
