@@ -81,13 +81,21 @@ def macs_by_module(
     model: nn.Module,
     inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size,
     device: str | torch.device | None = "meta",
+    *,
+    in_place: bool = False,
 ) -> dict[str, int]:
     """MACs of every module's forward pass (its children included), keyed by ``model.named_modules()`` names.
 
-    ``""`` is the whole model; modules that do no counted work are absent. Same convention and arguments
-    as :func:`count_flops`.
+    ``""`` is the whole model (its total MACs, as :func:`count_flops` counts them); modules that do no counted
+    work are absent. Same convention and arguments as :func:`count_flops`. ``in_place=True`` runs ``model``
+    itself instead of a copy (``device`` ignored): one forward pass in eval mode under ``torch.no_grad`` (no
+    BatchNorm statistics move; the modes are restored), cheaper than copying a large model, but the model's
+    forward hooks run; for callers that own the model (the pruning loop).
     """
-    counts = _run_counter(model, inputs_or_shape, device).get_flop_counts()
+    counter = (
+        _run_counter_in_place(model, inputs_or_shape) if in_place else _run_counter(model, inputs_or_shape, device)
+    )
+    counts = counter.get_flop_counts()
     root = type(model).__name__
     result = {}
     for key, per_op in counts.items():
@@ -95,6 +103,7 @@ def macs_by_module(
             continue
         name = "" if key == root else key.removeprefix(root + ".")
         result[name] = sum(per_op.values()) // 2
+    result[""] = counter.get_total_flops() // 2
     return result
 
 
@@ -107,6 +116,23 @@ def _run_counter(
     replica_inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         replica(*replica_inputs)
+    return counter
+
+
+def _run_counter_in_place(
+    model: nn.Module, inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size
+) -> FlopCounterMode:
+    """One forward pass of ``model`` itself, in eval mode, under ``FlopCounterMode``; returns the counter."""
+    target, dtype = _device_and_dtype(model)
+    inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return counter
 
 

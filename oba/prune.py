@@ -25,10 +25,10 @@ import contextlib
 import copy
 import numbers
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from oba.batches import check_example_inputs, check_inputs_like, modes_restored
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
-from oba.flops import count_flops, count_params, macs_by_module
+from oba.flops import FlopCount, count_params, macs_by_module
 from oba.prunable import default_ignored_layers, default_num_heads, layer_widths
 from oba.prune_step import StepContext, prune_step
 from oba.pruned_io import PRUNED_FORMAT, load_pruned, resize_to_state_dict, save_pruned
@@ -81,31 +81,47 @@ class _BatchStream:
 
 
 class _Measure:
-    """The current model's cost against the dense one: the target quantity alone (:meth:`kept`, cheap, after
-    every chunk) or the whole record of a step (:meth:`record`)."""
+    """The current model's cost against the dense one: the target quantity alone (:meth:`kept`, after every
+    round of removals) or the whole record of a step (:meth:`record`). The MACs come from one counter run per
+    model state (keyed by the parameters' shapes), which also gives the per-module MACs the next step predicts
+    with (:meth:`macs`)."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, ctx: StepContext, dense: Any, total_channels: int):
         self.model, self.example_inputs, self.ctx = model, example_inputs, ctx
         self.dense, self.total_channels = dense, total_channels
+        self._counted: tuple[tuple, dict[str, int]] | None = None
+
+    def macs(self) -> dict[str, int]:
+        """MACs per module of the model as it is now (``""``: the total), counted once per state."""
+        state = tuple(tuple(p.shape) for p in self.model.parameters())
+        if self._counted is None or self._counted[0] != state:
+            self._counted = (state, macs_by_module(self.model, self.example_inputs, in_place=True))
+        return self._counted[1]
+
+    def seed(self, macs: dict[str, int]) -> None:
+        """``macs`` (of :func:`macs_by_module`) is the count of the model as it is now."""
+        self._counted = (tuple(tuple(p.shape) for p in self.model.parameters()), macs)
 
     def channels(self) -> int:
-        return sum(len(g[0].idxs) for g in self.ctx.dg.get_all_groups(self.ctx.ignored, self.ctx.root_types))
+        """Prunable channels left: the output widths of the groups' root layers (what ``len(group[0].idxs)`` of
+        ``get_all_groups`` sums to, without re-tracing every group)."""
+        return sum(self.ctx.dg.get_out_channels(root) or 0 for root in self.ctx.initial_width)
 
     def kept(self) -> float:
         if self.ctx.kind == "flops":
-            return count_flops(self.model, self.example_inputs).macs / self.dense.macs
+            return self.macs()[""] / self.dense.macs
         if self.ctx.kind == "params":
             return count_params(self.model) / self.dense.params
         return self.channels() / self.total_channels
 
     def record(self) -> dict[str, Any]:
-        cost = count_flops(self.model, self.example_inputs)
+        macs, params = self.macs()[""], count_params(self.model)
         heads = self.ctx.num_heads
         return {
-            "macs": cost.macs,
-            "params": cost.params,
-            "flops_kept": cost.macs / self.dense.macs,
-            "params_kept": cost.params / self.dense.params,
+            "macs": macs,
+            "params": params,
+            "flops_kept": macs / self.dense.macs,
+            "params_kept": params / self.dense.params,
             "channels_kept": self.channels() / self.total_channels,
             "widths": layer_widths(self.model),
             "heads": {name: heads[m] for name, m in self.model.named_modules() if m in heads},
@@ -181,23 +197,30 @@ def _check_batches(batches: list[Batch], example_inputs: Any, step: int) -> None
 
 @contextlib.contextmanager
 def _restored_on_failure(model: nn.Module):
-    """Leave ``model`` as it was when the block raises (any exception, ``TargetNotReachedError`` and
-    ``KeyboardInterrupt`` included): every module of the caller's tree gets back its snapshot's attributes
-    (parameters, buffers, sizes, children). Values and structure are restored; parameters are the snapshot's
-    tensors (new objects, as pruning itself would have made)."""
-    snapshot = copy.deepcopy(model)
-    originals = dict(model.named_modules(remove_duplicate=False))
+    """Leave ``model`` exactly as it was when the block raises (any exception, ``TargetNotReachedError`` and
+    ``KeyboardInterrupt`` included): every module of the caller's tree gets back its attributes (sizes, head
+    counts, its parameter, buffer and child dicts) and every original parameter and buffer its values. The
+    snapshot is shallow (pruning puts new tensors in place of the old ones, which stay untouched) plus one copy of
+    every tensor's values against in-place changes: no deep copy of the modules."""
+    modules = list(model.modules())
+    attributes = {m: _shallow_state(m) for m in modules}
+    tensors = [t for m in modules for t in [*m._parameters.values(), *m._buffers.values()] if t is not None]
+    values = [(t, t.detach().clone()) for t in tensors]
     try:
         yield
     except BaseException:
-        copies = dict(snapshot.named_modules(remove_duplicate=False))
-        original_of = {id(copies[n]): m for n, m in originals.items()}
-        for name, m in originals.items():
-            c = copies[name]
+        with torch.no_grad():
+            for tensor, saved in values:
+                tensor.data = saved
+        for m, state in attributes.items():
             m.__dict__.clear()
-            m.__dict__.update(c.__dict__)
-            m._modules = OrderedDict((k, original_of.get(id(ch), ch)) for k, ch in c._modules.items())
+            m.__dict__.update(state)
         raise
+
+
+def _shallow_state(module: nn.Module) -> dict[str, Any]:
+    """``module.__dict__`` with its parameter, buffer and child dicts (and any other dict or list) copied."""
+    return {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
 
 
 def _score(
@@ -316,7 +339,7 @@ def _run(
 ) -> tuple[nn.Module, list[dict[str, Any]]]:  # fmt: skip
     """:func:`prune_structured` after its arguments are checked (same arguments)."""
     given = {m: m.training for m in model.modules()}  # the modes scoring uses when score_mode is None
-    dense = count_flops(model if reference is None else reference, example_inputs)  # before any preparation
+    dense, dense_macs = _dense_cost(model, reference, example_inputs)  # before any preparation
     prepared = scorer.prepare(model, ignored_layers)  # in place; the layers the criterion ignores, if it says
     ignored = list(default_ignored_layers(model) if prepared is None else prepared)
     ctx = _context(model, example_inputs, ignored, root_module_types, num_heads, max_channel_sparsity, global_ranking)
@@ -324,6 +347,8 @@ def _run(
     ctx.kind = target.kind
     ctx.dense_total = {"flops": dense.macs, "params": dense.params, "channels": total_channels}[target.kind]
     measure = _Measure(model, example_inputs, ctx, dense, total_channels)
+    if reference is None and getattr(scorer, "preparation", None) is None:
+        measure.seed(dense_macs)  # the model as counted: no second count for the step-0 record
     stream = _BatchStream(batches)
     history: list[dict[str, Any]] = [{"step": 0, "target": 1.0, "removed": 0, **measure.record()}]
     targets = target.step_targets()
@@ -333,7 +358,7 @@ def _run(
         _check_batches(step_batches, example_inputs, step)
         imp = _score(scorer, model, step_batches, score_mode, given)
         scored = time.perf_counter()
-        macs = macs_by_module(model, example_inputs) if target.kind == "flops" else {}
+        macs = measure.macs() if target.kind == "flops" else {}
         removed = prune_step(ctx, imp, step_target, measure.kept, round_to, macs)
         record = {"step": step, "target": step_target, "removed": removed, **measure.record()}
         record.update(score_seconds=scored - start, prune_seconds=time.perf_counter() - scored)
@@ -343,6 +368,14 @@ def _run(
         if record[f"{target.kind}_kept"] > step_target + 1e-9:
             raise _not_reached(target, step, step_target, record, max_channel_sparsity, history)
     return model, history
+
+
+def _dense_cost(model: nn.Module, reference: nn.Module | None, example_inputs: Any) -> tuple[FlopCount, dict[str, int]]:
+    """MACs and parameters the targets are fractions of: ``reference``'s (counted on a copy), else the model's own
+    (counted by running it once: the pruning loop owns it for the call); and the per-module MACs of that count."""
+    measured = model if reference is None else reference
+    macs = macs_by_module(measured, example_inputs, in_place=reference is None)
+    return FlopCount(macs=macs[""], flops=2 * macs[""], params=count_params(measured)), macs
 
 
 def _context(

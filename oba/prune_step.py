@@ -4,10 +4,15 @@ target is met (:func:`prune_step`).
 Every group yields one score per unit -- a channel, or a whole attention head when the group holds the q/k/v
 projections of an attention layer (``num_heads``) -- and the units are ranked globally (``global_ranking=True``,
 scores normalised within their group by the importance) or per group (each group loses the same fraction of its
-units). The lowest-ranked units are removed in chunks, re-measuring the kept fraction after each chunk, until the
-step target is met; a chunk never takes a layer below ``1 - max_channel_sparsity`` of its initial channels (nor
-below one channel or head), and ``round_to`` keeps widths multiples of it. Every chunk removes at least one unit
-and the number of units is finite, so a step always ends.
+units). The lowest-ranked units are removed until the step target is met; a removal never takes a layer below
+``1 - max_channel_sparsity`` of its initial channels (nor below one channel or head), and ``round_to`` keeps widths
+multiples of it. Every round removes at least one unit and the number of units is finite, so a step always ends.
+
+FLOPs targets are met without re-counting after every removal: :class:`MacModel` predicts the MACs from one real
+count per step (every conv/linear layer's MACs are a product of its input and output widths, an attention module's
+own products scale with its query width), the units are taken in rank order until the prediction meets the target,
+every group is pruned once, and one real count checks the result (another round follows, recalibrated, in the rare
+case it falls short). Parameter and channel targets are measured after every chunk of removals instead.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-__all__ = ["StepContext", "channel_groups", "prune_step", "rank_units", "remove_until"]
+__all__ = ["MacModel", "StepContext", "channel_groups", "prune_step", "rank_units", "remove_until"]
 
 
 @dataclass
@@ -52,6 +57,9 @@ def prune_step(
     removable is left); returns the channels removed. ``macs``: MACs per module of the current model (``kind ==
     "flops"``), for the predicted cost of each unit."""
     groups, units = rank_units(ctx, importance, macs)
+    if ctx.kind == "flops":
+        predicted = MacModel(ctx, groups, macs)
+        return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted)
     return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept)
 
 
@@ -65,6 +73,8 @@ class _Group:
     min_channels: int  # the root may not go below this
     unit_size: int  # 1 for channels, head width for heads, the number of channel groups for grouped layers
     heads_of: list[nn.Module] = field(default_factory=list)  # q/k/v layers when units are heads
+    # (layer, its output dimension?, channels it loses per root channel) for the layers of the group
+    dims: list[tuple[nn.Module, bool, float]] = field(default_factory=list)
 
 
 @dataclass(order=True)
@@ -147,7 +157,7 @@ def rank_units(
             per_channel = 1.0 if ctx.kind == "channels" else _channel_cost(ctx.dg, group, ctx.kind, macs, ctx.names)
             cost = k * per_channel / ctx.dense_total
             gi = len(groups)
-            groups.append(_Group(root, handler, list(range(n)), min_channels, k))
+            groups.append(_Group(root, handler, list(range(n)), min_channels, k, dims=_dims(ctx.dg, group, n)))
             for rank, j in enumerate(torch.argsort(scores).tolist()):
                 key = float(scores[j]) if ctx.global_ranking else (rank + 1) / size
                 units.append(_Unit(key, gi, tuple(j + g * size for g in range(k)), cost))
@@ -166,13 +176,123 @@ def rank_units(
         per_channel = 1.0 if ctx.kind == "channels" else _channel_cost(ctx.dg, group, ctx.kind, macs, ctx.names)
         cost = (size * per_channel + extra) / ctx.dense_total
         gi = len(groups)
-        groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of))
+        groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
         order = torch.argsort(scores)
         for rank, u in enumerate(order.tolist()):
             key = float(scores[u]) if ctx.global_ranking else (rank + 1) / len(order)
             units.append(_Unit(key, gi, tuple(range(u * size, (u + 1) * size)), cost))
     units.sort()
     return groups, units
+
+
+def _dims(dg: tp.DependencyGraph, group: Any, n: int) -> list[tuple[nn.Module, bool, float]]:
+    """The conv/linear dimensions a group prunes: ``(layer, output dimension?, channels lost per root channel)``."""
+    found: dict[tuple[nn.Module, bool], float] = {}
+    for dep, idxs in group:
+        layer = dep.target.module
+        if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+            found[layer, dg.is_out_channel_pruning_fn(dep.handler)] = len(idxs) / n
+    return [(layer, out, ratio) for (layer, out), ratio in found.items()]
+
+
+def _width(layer: nn.Module, out: bool) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if out else layer.in_features
+    return layer.out_channels if out else layer.in_channels
+
+
+class MacModel:
+    r"""Predicted MACs of the model as units go, from the real per-module count at the start of a step.
+
+    A conv or linear layer's MACs are :math:`c_L\, (C_{in}/g)\, C_{out}` (:math:`c_L` fixed by its kernel, stride
+    and input size, known from the count; a depthwise conv's :math:`C_{in}/g` stays 1); an attention module's own
+    products (:math:`QK^\top`, :math:`AV`) scale with its query width; the rest of the model's MACs stay. Removing
+    :math:`r` root channels of a group takes :math:`r \cdot` ratio channels off each of its layers' dimensions.
+    """
+
+    def __init__(self, ctx: StepContext, groups: list[_Group], macs: Mapping[str, int]) -> None:
+        self.ctx = ctx
+        named = dict(ctx.dg.model.named_modules())
+        self.width: dict[tuple[nn.Module, bool], float] = {}
+        self.coef: dict[nn.Module, float] = {}
+        modelled = 0.0
+        for name, layer in named.items():
+            if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and macs.get(name):
+                cin, cout = _width(layer, False), _width(layer, True)
+                self.width[layer, False], self.width[layer, True] = cin, cout
+                self.coef[layer] = macs[name] / (self._fan_in(layer, cin, cout) * cout)
+                modelled += macs[name]
+        self.attention: dict[nn.Module, tuple[float, float]] = {}  # q layer -> (own MACs, query width at start)
+        seen: set[str] = set()
+        for q in ctx.num_heads:  # q, k and v of an attention module: its own MACs go with the first
+            parent = ctx.names.get(q, "").rpartition(".")[0]
+            if parent in seen or (q, True) not in self.width:
+                continue
+            seen.add(parent)
+            extra = _head_extra_macs(q, macs, ctx.names, 1)
+            self.attention[q] = (extra, self.width[q, True])
+            modelled += extra
+        self.fixed = macs.get("", 0) - modelled
+        self.total = float(macs.get("", 0))
+
+    def _fan_in(self, layer: nn.Module, cin: float, cout: float) -> float:
+        groups = getattr(layer, "groups", 1)
+        return 1.0 if groups > 1 and layer.in_channels == groups else cin / groups
+
+    def _macs(self, layer: nn.Module) -> float:
+        cin, cout = self.width[layer, False], self.width[layer, True]
+        own = self.coef[layer] * self._fan_in(layer, cin, cout) * cout
+        if layer in self.attention:
+            extra, start = self.attention[layer]
+            own += extra * cout / start
+        return own
+
+    def remove(self, group: _Group, channels: int) -> None:
+        """Predict the removal of ``channels`` root channels of ``group`` (updates :attr:`total`)."""
+        touched = {layer for layer, _, _ in group.dims if layer in self.coef}
+        self.total -= sum(self._macs(layer) for layer in touched)
+        for layer, out, ratio in group.dims:
+            if (layer, out) in self.width:
+                self.width[layer, out] -= channels * ratio
+        self.total += sum(self._macs(layer) for layer in touched)
+
+    def kept(self) -> float:
+        return self.total / self.ctx.dense_total
+
+
+def _still_alive(groups: list[_Group], units: list[_Unit]) -> list[_Unit]:
+    """The units none of whose channels went (rounding may take a few channels beyond those chosen)."""
+    alive = [set(g.alive) for g in groups]
+    return [u for u in units if alive[u.group].issuperset(u.channels)]
+
+
+def _apply(
+    dg: tp.DependencyGraph,
+    groups: list[_Group],
+    chosen: dict[int, list[int]],
+    rest: list[_Unit],
+    heads: dict[nn.Module, int],
+    round_to: int | None,
+) -> int:
+    """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each); the channels removed."""
+    removed = 0
+    pending_of: dict[int, list[int]] = {}
+    for u in rest:
+        pending_of.setdefault(u.group, []).extend(u.channels)
+    for gi, channels in chosen.items():
+        g = groups[gi]
+        pending = pending_of.get(gi, [])
+        channels = _round_removal(g, channels, pending, round_to)
+        if not channels:
+            continue
+        gone = set(channels)
+        position = {c: i for i, c in enumerate(g.alive)}
+        dg.get_pruning_group(g.root, g.handler, sorted(position[c] for c in channels)).prune()
+        g.alive = [c for c in g.alive if c not in gone]
+        for layer in g.heads_of:
+            heads[layer] -= len(channels) // g.unit_size
+        removed += len(channels)
+    return removed
 
 
 def channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
@@ -212,46 +332,63 @@ def remove_until(
     round_to: int | None,
     step_target: float,
     kept: Callable[[], float],
+    model: MacModel | None = None,
 ) -> int:
-    """Remove the lowest-ranked units in chunks until ``kept() <= step_target``; returns the channels removed.
+    """Remove the lowest-ranked units until ``kept() <= step_target``; returns the channels removed.
 
-    Each chunk takes units in rank order until their predicted cost covers 70 % of the remaining gap (at
-    least one unit), so the target is approached from above with a few real measurements; a unit that
-    would take its group below the floor is skipped for the rest of the step.
+    Each round takes units in rank order, prunes every group once and measures. With a :class:`MacModel` a round
+    takes units until the model predicts the target (recalibrated on the real count first), so one round
+    usually ends the step; without one, a round takes units until their predicted cost covers 70 % of the
+    remaining gap (at least one unit), approaching the target from above. A unit that would take its group below
+    the floor is skipped for the rest of the step.
     """
-    removed = 0
+    removed, queue = 0, list(units)
     value = kept()
-    queue = list(units)
     while value > step_target + 1e-12 and queue:
-        budget = 0.7 * (value - step_target)
-        chosen: dict[int, list[int]] = {}
-        spent, rest = 0.0, []
-        for unit in queue:
-            g = groups[unit.group]
-            picked = chosen.setdefault(unit.group, [])
-            if len(g.alive) - len(picked) - len(unit.channels) < g.min_channels:
-                continue  # blocked by the floor, now and later (groups only shrink)
-            if spent == 0.0 or spent + unit.cost <= budget:
-                picked.extend(unit.channels)
-                spent += max(unit.cost, 1e-12)
-            else:
-                rest.append(unit)
-        if spent == 0.0:
+        if model is not None:
+            model.total += (value - model.kept()) * model.ctx.dense_total  # calibrate on the real count
+            chosen, rest = _choose_predicted(groups, queue, model, step_target)
+        else:
+            chosen, rest = _choose_budget(groups, queue, 0.7 * (value - step_target))
+        if not any(chosen.values()):
             break
-        for gi, channels in chosen.items():
-            g = groups[gi]
-            pending = [c for u in rest if u.group == gi for c in u.channels]
-            channels = _round_removal(g, channels, pending, round_to)
-            if not channels:
-                continue
-            gone = set(channels)
-            rest = [u for u in rest if not (u.group == gi and gone.intersection(u.channels))]
-            position = {c: i for i, c in enumerate(g.alive)}
-            dg.get_pruning_group(g.root, g.handler, sorted(position[c] for c in channels)).prune()
-            g.alive = [c for c in g.alive if c not in gone]
-            for layer in g.heads_of:
-                heads[layer] -= len(channels) // g.unit_size
-            removed += len(channels)
-        queue = rest
+        removed += _apply(dg, groups, chosen, rest, heads, round_to)
+        queue = _still_alive(groups, rest)
         value = kept()
     return removed
+
+
+def _fits(group: _Group, picked: list[int], unit: _Unit) -> bool:
+    return len(group.alive) - len(picked) - len(unit.channels) >= group.min_channels
+
+
+def _choose_predicted(
+    groups: list[_Group], queue: list[_Unit], model: MacModel, step_target: float
+) -> tuple[dict[int, list[int]], list[_Unit]]:
+    """Units in rank order until ``model`` predicts ``step_target``: ``({group: root channels}, units left)``."""
+    chosen: dict[int, list[int]] = {}
+    rest: list[_Unit] = []
+    for unit in queue:
+        g, picked = groups[unit.group], chosen.setdefault(unit.group, [])
+        if model.kept() <= step_target + 1e-12:
+            rest.append(unit)
+        elif _fits(g, picked, unit):  # else blocked by the floor, now and later (groups only shrink)
+            picked.extend(unit.channels)
+            model.remove(g, len(unit.channels))
+    return chosen, rest
+
+
+def _choose_budget(groups: list[_Group], queue: list[_Unit], budget: float) -> tuple[dict[int, list[int]], list[_Unit]]:
+    """Units in rank order until their predicted cost covers ``budget`` (at least one)."""
+    chosen: dict[int, list[int]] = {}
+    spent, rest = 0.0, []
+    for unit in queue:
+        g, picked = groups[unit.group], chosen.setdefault(unit.group, [])
+        if not _fits(g, picked, unit):
+            continue  # blocked by the floor, now and later (groups only shrink)
+        if spent == 0.0 or spent + unit.cost <= budget:
+            picked.extend(unit.channels)
+            spent += max(unit.cost, 1e-12)
+        else:
+            rest.append(unit)
+    return chosen, rest

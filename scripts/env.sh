@@ -19,8 +19,9 @@ else
     UV=.tools/bin/uv
 fi
 
-# The environment (resolved from pyproject.toml; uv.lock is not committed): torch, torchvision, torch-pruning + the notebook and development extras.
-"$UV" sync --extra notebooks --extra dev --quiet
+# The environment (resolved from pyproject.toml; uv.lock is not committed): torch, torchvision, torch-pruning + the
+# notebook, model-zoo (timm, transformers) and development extras.
+"$UV" sync --extra notebooks --extra models --extra dev --quiet
 
 # Real data: an explicit OBA_DATA_DIR wins; else a ../shared/data beside the checkout; else data/.
 if [ -z "${OBA_DATA_DIR:-}" ] && [ -d ../shared/data ]; then

@@ -274,6 +274,27 @@ def test_grouped_convolutions_and_group_norm_lose_the_same_slots_in_every_group(
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
+def test_a_flops_target_is_met_with_one_real_count_per_step(monkeypatch):
+    """The MACs are predicted from one count per step (conv/linear MACs are products of their widths), every
+    group is pruned once per step, and one real count checks each step: steps + 1 counts in all."""
+    import oba.flops
+
+    calls = []
+    real = oba.flops.macs_by_module
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("oba.prune.macs_by_module", counted)
+    model = resnet20()
+    _, history = prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, steps=3, progress=False)
+    assert len(calls) == 3 + 1
+    assert [round(h["flops_kept"], 9) <= round(h["target"], 9) for h in history[1:]] == [True] * 3
+    assert history[-1]["flops_kept"] > 0.49  # and close: the prediction is exact for convolutions
+    assert history[-1]["macs"] == count_flops(model, EXAMPLE).macs
+
+
 # ----------------------------------------------------------------------------- attention heads
 def test_whole_heads_are_pruned_consistently_and_the_model_saves(tmp_path):
     model = small_vit()
