@@ -21,8 +21,9 @@ size once; :attr:`FlopCount.nonzero_params` counts the unmasked nonzero entries.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,9 +114,9 @@ def _run_counter(
     """One forward pass of a replica of ``model`` under ``FlopCounterMode``; returns the counter."""
     replica = _replicate(model, device)
     target, dtype = _device_and_dtype(replica)
-    replica_inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
+    args, kwargs = _call_arguments(inputs_or_shape, dtype, target)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        replica(*replica_inputs)
+        replica(*args, **kwargs)
     return counter
 
 
@@ -124,12 +125,12 @@ def _run_counter_in_place(
 ) -> FlopCounterMode:
     """One forward pass of ``model`` itself, in eval mode, under ``FlopCounterMode``; returns the counter."""
     target, dtype = _device_and_dtype(model)
-    inputs = [_to_device(x, target) for x in _as_inputs(inputs_or_shape, dtype)]
+    args, kwargs = _call_arguments(inputs_or_shape, dtype, target)
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+            model(*args, **kwargs)
     finally:
         for m, mode in modes:
             m.training = mode
@@ -167,6 +168,14 @@ def _prune_mask(module: nn.Module, param_name: str) -> Tensor | None:
     if not param_name.endswith("_orig"):
         return None
     return module._buffers.get(param_name[: -len("_orig")] + "_mask")
+
+
+def _call_arguments(inputs_or_shape: Any, dtype: torch.dtype, device: torch.device) -> tuple[list, dict[str, Any]]:
+    """Positional and keyword arguments of the model on ``device``: a dict is passed as keyword arguments
+    (e.g. ``{"input_ids": ids}`` for Hugging Face models), anything else as :func:`_as_inputs` reads it."""
+    if isinstance(inputs_or_shape, Mapping):
+        return [], {k: _to_device(v, device) if isinstance(v, Tensor) else v for k, v in inputs_or_shape.items()}
+    return [_to_device(x, device) for x in _as_inputs(inputs_or_shape, dtype)], {}
 
 
 def _as_inputs(

@@ -37,7 +37,7 @@ from oba.batches import check_example_inputs, check_inputs_like, modes_restored
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
 from oba.flops import FlopCount, count_params, macs_by_module
-from oba.prunable import default_ignored_layers, default_num_heads, layer_widths
+from oba.prunable import attention_heads, default_ignored_layers, default_num_heads, layer_widths
 from oba.prune_step import StepContext, prune_step
 from oba.pruned_io import PRUNED_FORMAT, load_pruned, resize_to_state_dict, save_pruned
 from oba.target import PruningTarget, TargetNotReachedError
@@ -395,10 +395,13 @@ def _context(
     if sum(initial_width.values()) == 0:
         raise ValueError("no prunable group: every layer is ignored or unsupported")
     heads = dict(default_num_heads(model) if num_heads is None else num_heads)
+    layouts = {p: a for a in attention_heads(model) for p in a.projections}
     names = {m: n for n, m in model.named_modules()}
     return StepContext(
-        dg, names, ignored, root_types, initial_width, heads, max_channel_sparsity, global_ranking, "flops", 0.0
-    )
+        dg, names, ignored, root_types, initial_width, heads, max_channel_sparsity, global_ranking, "flops", 0.0,
+        head_parts={p: a.parts for p, a in layouts.items() if p in heads},
+        head_sync={p: a.sync for p, a in layouts.items() if p in heads},
+    )  # fmt: skip
 
 
 def _not_reached(

@@ -43,6 +43,8 @@ class StepContext:
     global_ranking: bool
     kind: str  # "flops", "params" or "channels"
     dense_total: float  # the dense model's MACs, parameters or channels
+    head_parts: dict[nn.Module, int] = field(default_factory=dict)  # fused [q | k | v] projection -> 3
+    head_sync: dict[nn.Module, Callable[[int], None]] = field(default_factory=dict)  # projection -> set head count
 
 
 def prune_step(
@@ -57,10 +59,8 @@ def prune_step(
     removable is left); returns the channels removed. ``macs``: MACs per module of the current model (``kind ==
     "flops"``), for the predicted cost of each unit."""
     groups, units = rank_units(ctx, importance, macs)
-    if ctx.kind == "flops":
-        predicted = MacModel(ctx, groups, macs)
-        return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted)
-    return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept)
+    predicted = MacModel(ctx, groups, macs) if ctx.kind == "flops" else None
+    return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted, ctx.head_sync)
 
 
 @dataclass
@@ -162,10 +162,12 @@ def rank_units(
                 key = float(scores[j]) if ctx.global_ranking else (rank + 1) / size
                 units.append(_Unit(key, gi, tuple(j + g * size for g in range(k)), cost))
             continue
-        if heads_of:
-            h = ctx.num_heads[heads_of[0]]
-            size = n // h
-            scores = imp.detach().double().reshape(h, size).mean(1)  # per channel, comparable with channel units
+        if heads_of:  # whole heads: of each part ([q | k | v] of a fused projection, else one), the same head
+            h, parts = ctx.num_heads[heads_of[0]], ctx.head_parts.get(heads_of[0], 1)
+            d = n // parts // h
+            size = parts * d
+            per_head = imp.detach().double().reshape(parts, h, d)
+            scores = per_head.mean((0, 2))  # per channel, comparable with channel units
             min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
             extra = _head_extra_macs(heads_of[0], macs, ctx.names, h) if ctx.kind == "flops" else 0.0
         else:
@@ -180,9 +182,17 @@ def rank_units(
         order = torch.argsort(scores)
         for rank, u in enumerate(order.tolist()):
             key = float(scores[u]) if ctx.global_ranking else (rank + 1) / len(order)
-            units.append(_Unit(key, gi, tuple(range(u * size, (u + 1) * size)), cost))
+            units.append(_Unit(key, gi, _unit_channels(u, size, n, parts if heads_of else 1), cost))
     units.sort()
     return groups, units
+
+
+def _unit_channels(u: int, size: int, n: int, parts: int) -> tuple[int, ...]:
+    """Root channels of unit ``u`` (``size`` channels): contiguous, or one slice of each of ``parts`` parts."""
+    if parts == 1:
+        return tuple(range(u * size, (u + 1) * size))
+    d, width = size // parts, n // parts
+    return tuple(p * width + u * d + j for p in range(parts) for j in range(d))
 
 
 def _dims(dg: tp.DependencyGraph, group: Any, n: int) -> list[tuple[nn.Module, bool, float]]:
@@ -273,8 +283,10 @@ def _apply(
     rest: list[_Unit],
     heads: dict[nn.Module, int],
     round_to: int | None,
+    sync: Mapping[nn.Module, Callable[[int], None]],
 ) -> int:
-    """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each); the channels removed."""
+    """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each; head counts updated, and
+    told to their modules through ``sync``); the channels removed."""
     removed = 0
     pending_of: dict[int, list[int]] = {}
     for u in rest:
@@ -291,6 +303,8 @@ def _apply(
         g.alive = [c for c in g.alive if c not in gone]
         for layer in g.heads_of:
             heads[layer] -= len(channels) // g.unit_size
+            if layer in sync:
+                sync[layer](heads[layer])
         removed += len(channels)
     return removed
 
@@ -333,6 +347,7 @@ def remove_until(
     step_target: float,
     kept: Callable[[], float],
     model: MacModel | None = None,
+    sync: Mapping[nn.Module, Callable[[int], None]] | None = None,
 ) -> int:
     """Remove the lowest-ranked units until ``kept() <= step_target``; returns the channels removed.
 
@@ -342,7 +357,7 @@ def remove_until(
     remaining gap (at least one unit), approaching the target from above. A unit that would take its group below
     the floor is skipped for the rest of the step.
     """
-    removed, queue = 0, list(units)
+    removed, queue, sync = 0, list(units), sync or {}
     value = kept()
     while value > step_target + 1e-12 and queue:
         if model is not None:
@@ -352,7 +367,7 @@ def remove_until(
             chosen, rest = _choose_budget(groups, queue, 0.7 * (value - step_target))
         if not any(chosen.values()):
             break
-        removed += _apply(dg, groups, chosen, rest, heads, round_to)
+        removed += _apply(dg, groups, chosen, rest, heads, round_to, sync)
         queue = _still_alive(groups, rest)
         value = kept()
     return removed
