@@ -127,11 +127,15 @@ def _run_counter_in_place(
     target, dtype = _device_and_dtype(model)
     args, kwargs = _call_arguments(inputs_or_shape, dtype, target)
     modes = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        # nn.MultiheadAttention's fused inference kernel is not counted (a meta replica never takes it)
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(*args, **kwargs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes:
             m.training = mode
     return counter

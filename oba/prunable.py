@@ -55,14 +55,16 @@ def default_ignored_layers(model: nn.Module) -> list[nn.Module]:
     """``model.pruning_ignored_layers()`` if the model defines it; for a torchvision ``VisionTransformer``
     :func:`oba.models.torchvision_models.vit_pruning_ignored_layers` (patch embedding, classifier and the layers
     writing into the residual stream: only heads and MLP hidden units prune); else the last ``nn.Linear`` (the
-    classifier), plus the projections of grouped-query attention modules (:func:`grouped_query_attention`)."""
+    classifier; the last convolution for a model without one, as SqueezeNet), plus the projections of grouped-query
+    attention modules (:func:`grouped_query_attention`)."""
     own = getattr(model, "pruning_ignored_layers", None)
     if callable(own):
         return list(own())
     if isinstance(model, torchvision.models.VisionTransformer):
         return vit_pruning_ignored_layers(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [*linears[-1:], *(m for m in grouped_query_attention(model) if m is not linears[-1])]
+    classifier = linears[-1:] or [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)][-1:]
+    return [*classifier, *(m for m in grouped_query_attention(model) if m not in classifier)]
 
 
 @dataclass

@@ -43,13 +43,18 @@ def prune_and_check(model: nn.Module, example, batches, criterion: str = "magnit
     assert history[-1]["macs"] == pruned.macs
     with torch.no_grad():
         out = model(batches[0][0])
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and out.shape[-1] == classes_of(out, batches)
     return history[-1]
+
+
+def classes_of(out, batches) -> int:
+    """The number of outputs the model had before pruning (the classifier is never pruned)."""
+    return 3 if isinstance(batches[0][0], dict) else 10
 
 
 TORCHVISION = {  # one per family; grouped convs, squeeze-excitation with hardsigmoid, depthwise, concatenation
     "resnet18": 64, "resnext50_32x4d": 64, "regnet_x_400mf": 64, "mobilenet_v3_small": 64, "efficientnet_b0": 64,
-    "densenet121": 64, "convnext_tiny": 64, "squeezenet1_1": 64, "vgg11_bn": 64, "googlenet": 64,
+    "densenet121": 64, "convnext_tiny": 64, "squeezenet1_1": 64, "vgg11_bn": 64, "googlenet": 64, "vit_b_32": 224,
 }  # fmt: skip
 
 

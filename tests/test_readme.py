@@ -45,3 +45,21 @@ def test_readme_structured_snippet(require_data, monkeypatch, data_dir, tmp_path
     loaded = oba.load_pruned(tmp_path / "resnet32_oba_half.pt").eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), scope["model"].eval()(x))
+
+
+def test_readme_bring_your_own_model_snippet():
+    import pytest
+
+    pytest.importorskip("timm", reason="timm is in the 'models' extra")
+    pytest.importorskip("transformers", reason="transformers is in the 'models' extra")
+    section = README.read_text().split("## Bring your own model", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert 0.5 < scope["history"][-1]["flops_kept"] <= 0.6
+    heads = scope["history"][-1]["heads"]
+    assert heads and all(1 <= h <= 4 for h in heads.values())
+    ids = scope["texts"][0][0]["input_ids"]
+    assert scope["bert"](input_ids=ids).logits.shape == (4, 2)
+    assert scope["cnn"](torch.randn(2, 3, 32, 32)).shape == (2, 10)
