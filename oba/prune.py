@@ -15,8 +15,10 @@ Torch-Pruning's DepGraph finds which layers must lose the same channels (a *grou
 A target that cannot be reached (everything left is capped or ignored) raises
 :class:`~oba.target.TargetNotReachedError` with the fraction reached and the history so far.
 
-Cost: MACs of one forward pass of ``example_inputs`` counted by :func:`oba.flops.count_flops` on the meta
-device (the literature's "FLOPs"; element-wise work not counted).
+Cost: MACs of one forward pass of ``example_inputs`` as :func:`oba.flops.count_flops` counts them (the
+literature's "FLOPs"; element-wise work not counted); the loop counts by running the model itself once per step
+(:func:`oba.flops.macs_by_module` with ``in_place=True``, eval mode, no gradients), which is much cheaper than a
+copy on the meta device for large models and gives the same numbers.
 """
 
 from __future__ import annotations
