@@ -27,6 +27,7 @@ import contextlib
 import copy
 import numbers
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ from oba.target import PruningTarget, TargetNotReachedError
 __all__ = [
     "PRUNED_FORMAT",
     "TargetNotReachedError",
+    "UnsupportedModelError",
     "default_ignored_layers",
     "layer_widths",
     "load_pruned",
@@ -317,6 +319,8 @@ def prune_structured(
             model, a GRU; batches that do not match ``example_inputs``; NaN/inf in a group's importance.
         oba.importance.NonFiniteScoreError: a scoring batch gave NaN/inf scores (named, with the parameter).
         TargetNotReachedError: everything left is capped or ignored before the target was met.
+        UnsupportedModelError: Torch-Pruning cannot trace the model's channel dependencies (e.g. ShuffleNet's
+            channel shuffle).
     """
     target = PruningTarget.from_arguments(
         keep_flops, keep_params, keep_channels, steps=steps, schedule=schedule, step_targets=step_targets
@@ -392,7 +396,10 @@ def _context(
     """The dependency graph of ``model`` and what stays fixed over the run (``kind`` and ``dense_total`` are set
     by the caller, which knows the target and the total of prunable channels found here)."""
     root_types = tuple(root_module_types)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except Exception as err:  # Torch-Pruning's tracing of the channel dependencies
+        raise _untraceable(model, err) from err
     initial_width = {g[0].dep.target.module: len(g[0].idxs) for g in dg.get_all_groups(ignored, root_types)}
     if sum(initial_width.values()) == 0:
         raise ValueError("no prunable group: every layer is ignored or unsupported")
@@ -404,6 +411,26 @@ def _context(
         head_parts={p: a.parts for p, a in layouts.items() if p in heads},
         head_sync={p: a.sync for p, a in layouts.items() if p in heads},
     )  # fmt: skip
+
+
+class UnsupportedModelError(ValueError):
+    """Torch-Pruning cannot trace which channels of the model are coupled: structured pruning cannot start."""
+
+
+def _untraceable(model: nn.Module, err: Exception) -> UnsupportedModelError:
+    tb = traceback.extract_tb(err.__traceback__)
+    where = tb[-1].name if tb else "?"
+    hint = (
+        " (a reshape or view that regroups channels, such as ShuffleNet's channel shuffle)"
+        if "reshape" in where or "view" in where
+        else ""
+    )
+    return UnsupportedModelError(
+        f"Torch-Pruning could not trace the channel dependencies of {type(model).__name__}: {type(err).__name__} "
+        f"in its {where}{hint}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}. Structured "
+        "pruning of this model is not supported; nothing was changed. Unstructured pruning "
+        "(oba.unstructured.prune_unstructured) works on any model."
+    )
 
 
 def _not_reached(

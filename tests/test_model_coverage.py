@@ -68,6 +68,21 @@ def test_torchvision_families_prune_to_the_target_and_run(name):
     prune_and_check(model, torch.randn(1, 3, side, side), data((3, side, side)))
 
 
+def test_a_model_torch_pruning_cannot_trace_is_refused_by_name_and_left_as_it_was():
+    import torchvision
+
+    from oba.prune import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    says = r"ShuffleNetV2.*channel shuffle.*nothing was changed.*unstructured"
+    with pytest.raises(UnsupportedModelError, match=says):
+        oba.prune_structured(model, torch.randn(1, 3, 64, 64), "magnitude", keep_flops=0.6, progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf"])
 def test_exact_oba_scores_torchvision_models_with_hardsigmoid_and_grouped_convs(name):
     import torchvision
