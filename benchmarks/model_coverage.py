@@ -3,7 +3,8 @@
     python benchmarks/model_coverage.py [--source torchvision] [--criteria magnitude oba] [--only resnet18 ...]
                                         [--out results/coverage.jsonl] [--timeout 600] [--memory-gb 8]
 
-For every model of the source (torchvision: ``torchvision.models.list_models(module=torchvision.models)``), at
+For every model of the source (torchvision: ``torchvision.models.list_models(module=torchvision.models)``; timm:
+the 35 models of :data:`TIMM`, one or more per family), at
 random initialisation and in eval mode, on synthetic inputs (4 images of 64x64; 224x224 where the architecture
 fixes it, 96x96 for Inception-v3): prune with each criterion to 0.6 of the MACs in 2 steps of one scoring batch,
 then check that the pruned model runs, met the target, and saves and loads. One model and criterion per fresh
@@ -43,6 +44,17 @@ def family(name: str) -> str:
     return re.match(r"[a-z]+", name).group(0)  # type: ignore[union-attr]
 
 
+TIMM = [  # at least one per family: ResNet/ResNeXt, EfficientNet, MobileNet, RegNet, ConvNeXt, DeiT/ViT, Swin, Mixer
+    "resnet18", "resnet50", "resnext50_32x4d", "seresnet50", "wide_resnet50_2", "resnetv2_50", "efficientnet_b0",
+    "efficientnet_b2", "tf_efficientnetv2_s", "mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100",
+    "mnasnet_100", "regnetx_002", "regnety_002", "regnety_008", "convnext_atto", "convnext_tiny", "densenet121",
+    "dla34", "dpn68", "ghostnet_100", "hrnet_w18_small", "inception_v3", "vgg11_bn", "rexnet_100", "cspresnet50",
+    "deit_tiny_patch16_224", "vit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224",
+    "mixer_s16_224", "poolformer_s12", "efficientformer_l1", "levit_128s",
+]  # fmt: skip
+TIMM_224 = re.compile(r"^(deit|vit|swin|mixer|levit|efficientformer)")
+
+
 def input_size(name: str) -> int:
     if FIXED_224.match(name):
         return 224
@@ -71,12 +83,18 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     from oba.flops import count_flops
 
     torch.manual_seed(0)
-    if source != "torchvision":
-        raise ValueError(f"unknown source {source!r}")
-    import torchvision
+    if source == "torchvision":
+        import torchvision
 
-    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-    side = input_size(name)
+        model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+        side = input_size(name)
+    elif source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        side = 224 if TIMM_224.match(name) else 64
+    else:
+        raise ValueError(f"unknown source {source!r}")
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, side, side, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
     example = torch.randn(1, 3, side, side, generator=g)
@@ -147,6 +165,8 @@ def names(source: str) -> list[str]:
         import torchvision
 
         return torchvision.models.list_models(module=torchvision.models)
+    if source == "timm":
+        return list(TIMM)
     raise ValueError(f"unknown source {source!r}")
 
 
@@ -166,7 +186,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="torchvision", choices=["torchvision"])
+    parser.add_argument("--source", default="torchvision", choices=["torchvision", "timm"])
     parser.add_argument("--criteria", nargs="+", default=["magnitude", "oba"])
     parser.add_argument("--only", nargs="*", help="model names")
     parser.add_argument("--skip", nargs="*", default=[], help="model names to leave out")
