@@ -58,8 +58,8 @@ def prune_step(
     """Remove the lowest-ranked units of the model of ``ctx.dg`` until ``kept() <= step_target`` (or nothing
     removable is left); returns the channels removed. ``macs``: MACs per module of the current model (``kind ==
     "flops"``), for the predicted cost of each unit."""
-    groups, units = rank_units(ctx, importance, macs)
-    predicted = MacModel(ctx, groups, macs) if ctx.kind == "flops" else None
+    groups, units = rank_units(ctx, importance)
+    predicted = MacModel(ctx, macs) if ctx.kind == "flops" else None
     return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted, ctx.head_sync)
 
 
@@ -85,27 +85,19 @@ class _Unit:
     cost: float = field(compare=False, default=0.0)  # predicted drop of the kept fraction when it goes
 
 
-def _channel_cost(
-    dg: tp.DependencyGraph, group: Any, kind: str, macs: Mapping[str, int], names: Mapping[nn.Module, str]
-) -> float:
-    """Predicted MACs (``kind="flops"``) or parameters (``"params"``) one root channel of ``group`` carries.
-
-    MACs: each conv/linear of the group loses ``macs(layer) / width`` along the pruned dimension; parameters:
-    each parameter of a member layer loses one slice along it (a conv/linear bias only with its output).
-    A prediction only: the loop measures the real cost after every chunk.
-    """
+def _unit_cost(dg: tp.DependencyGraph, group: Any, kind: str) -> float:
+    """Predicted parameters (``kind="params"``) or channels (``"channels"``) one root channel of ``group`` carries:
+    each parameter of a member layer loses one slice along the pruned dimension (a conv/linear bias only with its
+    output). A prediction only: the loop measures the real cost after every chunk. (MACs: :class:`MacModel`.)"""
+    if kind != "params":
+        return 1.0
     total = 0.0
     for dep, _ in group:
         layer, out = dep.target.module, dg.is_out_channel_pruning_fn(dep.handler)
         if isinstance(layer, nn.Parameter):
-            total += layer.numel() / layer.shape[dep.target.pruning_dim] if kind == "params" else 0.0
+            total += layer.numel() / layer.shape[dep.target.pruning_dim]
             continue
         dense_layer = isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear))
-        if kind == "flops":
-            if dense_layer:
-                width = dg.get_out_channels(layer) if out else dg.get_in_channels(layer)
-                total += macs.get(names.get(layer, ""), 0) / max(1, width or 1)
-            continue
         for pname, p in layer.named_parameters(recurse=False):
             if dense_layer and not out and pname == "bias":
                 continue
@@ -114,16 +106,14 @@ def _channel_cost(
     return total
 
 
-def _head_extra_macs(q: nn.Module, macs: Mapping[str, int], names: Mapping[nn.Module, str], heads: int) -> float:
-    """MACs per head of an attention module outside its projections (the ``QK^T`` and ``AV`` products)."""
+def _attention_own_macs(q: nn.Module, macs: Mapping[str, int], names: Mapping[nn.Module, str]) -> float:
+    """MACs of the attention module holding projection ``q`` outside its children (the ``QK^T``, ``AV`` products)."""
     attn = names[q].rpartition(".")[0]
     children = sum(v for k, v in macs.items() if k.startswith(attn + ".") and "." not in k[len(attn) + 1 :])
-    return max(0, macs.get(attn, 0) - children) / heads
+    return max(0, macs.get(attn, 0) - children)
 
 
-def rank_units(
-    ctx: StepContext, importance: Callable[[Any], Tensor | None], macs: Mapping[str, int]
-) -> tuple[list[_Group], list[_Unit]]:
+def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> tuple[list[_Group], list[_Unit]]:
     """Every prunable group of the current model with its units (channels or whole heads), and all units in
     removal order: by normalised score (global ranking) or by rank within their group (``global_ranking=False``),
     each with its predicted cost (fraction of the dense total) and the floor its group may not go below."""
@@ -154,8 +144,7 @@ def rank_units(
             size = n // k
             scores = imp.detach().double().reshape(k, size).mean(0)
             min_channels = k * max(1, math.ceil(init // k * (1 - ctx.max_sparsity)))
-            per_channel = 1.0 if ctx.kind == "channels" else _channel_cost(ctx.dg, group, ctx.kind, macs, ctx.names)
-            cost = k * per_channel / ctx.dense_total
+            cost = k * _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total
             gi = len(groups)
             groups.append(_Group(root, handler, list(range(n)), min_channels, k, dims=_dims(ctx.dg, group, n)))
             for rank, j in enumerate(torch.argsort(scores).tolist()):
@@ -169,14 +158,12 @@ def rank_units(
             per_head = imp.detach().double().reshape(parts, h, d)
             scores = per_head.mean((0, 2))  # per channel, comparable with channel units
             min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
-            extra = _head_extra_macs(heads_of[0], macs, ctx.names, h) if ctx.kind == "flops" else 0.0
+
         else:
             size = 1
             scores = imp.detach().double()
             min_channels = max(1, math.ceil(init * (1 - ctx.max_sparsity)))
-            extra = 0.0
-        per_channel = 1.0 if ctx.kind == "channels" else _channel_cost(ctx.dg, group, ctx.kind, macs, ctx.names)
-        cost = (size * per_channel + extra) / ctx.dense_total
+        cost = size * _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total
         gi = len(groups)
         groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
         order = torch.argsort(scores)
@@ -220,7 +207,7 @@ class MacModel:
     :math:`r` root channels of a group takes :math:`r \cdot` ratio channels off each of its layers' dimensions.
     """
 
-    def __init__(self, ctx: StepContext, groups: list[_Group], macs: Mapping[str, int]) -> None:
+    def __init__(self, ctx: StepContext, macs: Mapping[str, int]) -> None:
         self.ctx = ctx
         named = dict(ctx.dg.model.named_modules())
         self.width: dict[tuple[nn.Module, bool], float] = {}
@@ -239,7 +226,7 @@ class MacModel:
             if parent in seen or (q, True) not in self.width:
                 continue
             seen.add(parent)
-            extra = _head_extra_macs(q, macs, ctx.names, 1)
+            extra = _attention_own_macs(q, macs, ctx.names)
             self.attention[q] = (extra, self.width[q, True])
             modelled += extra
         self.fixed = macs.get("", 0) - modelled
