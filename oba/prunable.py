@@ -78,6 +78,7 @@ class AttentionHeads:
             ``[p*H*d + i*d, p*H*d + (i+1)*d)`` of each part ``p``), else 1 (head ``i`` is ``[i*d, (i+1)*d)``).
         heads: the number of heads now.
         sync: ``sync(heads)`` sets the module's own head-count attributes after heads went.
+        head_dim: the channels of one head in each part.
     """
 
     module: nn.Module
@@ -85,6 +86,7 @@ class AttentionHeads:
     parts: int
     heads: int
     sync: Callable[[int], None]
+    head_dim: int
 
 
 class Logits(nn.Module):
@@ -112,21 +114,23 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
     found = []
     for m in model.modules():
         if isinstance(m, Attention):
-            found.append(AttentionHeads(m, [m.q, m.k, m.v], 1, m.num_heads, lambda h: None))
+            found.append(AttentionHeads(m, [m.q, m.k, m.v], 1, m.num_heads, lambda h: None, m.head_dim))
         elif (
             _is_linear(getattr(m, "qkv", None))
             and isinstance(getattr(m, "num_heads", None), int)
             and hasattr(m, "head_dim")
         ):  # timm
-            found.append(AttentionHeads(m, [m.qkv], 3, m.num_heads, _setter(m, num_heads=1, attn_dim=m.head_dim)))
+            sync = _setter(m, num_heads=1, attn_dim=m.head_dim)
+            found.append(AttentionHeads(m, [m.qkv], 3, m.num_heads, sync, m.head_dim))
         elif all(_is_linear(getattr(m, n, None)) for n in ("query", "key", "value")) and hasattr(
             m, "num_attention_heads"
         ):  # Hugging Face BERT family, ViT
             size = m.attention_head_size
             sync = _setter(m, num_attention_heads=1, all_head_size=size)
-            found.append(AttentionHeads(m, [m.query, m.key, m.value], 1, m.num_attention_heads, sync))
+            found.append(AttentionHeads(m, [m.query, m.key, m.value], 1, m.num_attention_heads, sync, size))
         elif (q := _q_k_v_proj(m)) is not None:  # Hugging Face ViT, LLaMA-style (without grouped-query attention)
-            found.append(AttentionHeads(m, q, 1, q[0].out_features // m.head_dim, _setter(m, num_attention_heads=1)))
+            heads = q[0].out_features // m.head_dim
+            found.append(AttentionHeads(m, q, 1, heads, _setter(m, num_attention_heads=1), m.head_dim))
     return found
 
 

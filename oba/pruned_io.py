@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from oba.criteria import REGISTRY, Preparation
 from oba.io import load_torch, save_torch
-from oba.models import available, create
-from oba.prunable import layer_widths
+from oba.models import available, create, known
+from oba.prunable import attention_heads, layer_widths
 
 __all__ = ["PRUNED_FORMAT", "load_pruned", "resize_to_state_dict", "save_pruned"]
 
@@ -49,13 +49,15 @@ def save_pruned(
     rewrote layers (EigenDamage: ``{"eigenbasis_layers": [...]}``), so that :func:`load_pruned` rebuilds them.
 
     Args:
-        arch: the :mod:`oba.models` registry name the model was created from (e.g. ``"resnet32"``).
+        arch: the :mod:`oba.models` name the model was created from (e.g. ``"resnet32"``, or
+            ``"torchvision:resnext50_32x4d"``, ``"timm:deit_tiny_patch16_224"``: see :func:`oba.models.create`).
         arch_kwargs: the arguments it was created with (plain values only).
     """
-    if arch not in available():
+    if not known(arch):
         raise ValueError(
-            f"arch={arch!r} is not a model name of oba.models (have {', '.join(available())}): load_pruned could not "
-            "rebuild the model. Pass the registry name the model was created from"
+            f"arch={arch!r} is not a model name of oba.models (have {', '.join(available())}, or "
+            "'torchvision:<name>' / 'timm:<name>'): load_pruned could not rebuild the model. Pass the name the model "
+            "was created from (and its arguments as arch_kwargs)"
         )
     payload = {
         "format": PRUNED_FORMAT,
@@ -91,6 +93,8 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     for name, layers in prepared.items():
         _preparation(name, path).restore(model, layers)
     resize_to_state_dict(model, payload["state_dict"])
+    for attention in attention_heads(model):  # head counts follow the widths
+        attention.sync(attention.projections[0].out_features // attention.parts // attention.head_dim)
     model.load_state_dict(payload["state_dict"])
     return model
 
@@ -98,7 +102,8 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
 def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Give every parameter and buffer of ``model`` the shape it has in ``state_dict`` and update the layers'
     size attributes (``in_channels``/``out_channels``, ``in_features``/``out_features``, ``num_features``,
-    ``normalized_shape``, ``num_channels``). Values are left uninitialised: load the state dict next.
+    ``normalized_shape``, ``num_channels``); modules that merely hold tensors (a ViT's class token) just get the
+    new tensors. Values are left uninitialised: load the state dict next.
     """
     for prefix, module in model.named_modules():
         changed = False
@@ -132,8 +137,9 @@ def _update_size_attributes(m: nn.Module) -> None:
         m.normalized_shape = tuple(m.weight.shape)
     elif isinstance(m, nn.GroupNorm):
         m.num_channels = m.weight.shape[0]
-    else:
+    elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.Embedding, nn.modules.conv._ConvTransposeNd)):
         raise TypeError(
             f"cannot resize a {type(m).__name__} to a pruned state_dict: only conv, linear and normalisation layers "
-            "are supported"
+            "(and modules that merely hold tensors, e.g. a ViT's class token and position embedding) are supported"
         )
+    # else: a module holding bare tensors (class token, position embedding, layer scale): no size attributes

@@ -199,7 +199,7 @@ CASES: dict[str, tuple[Callable[[World], Any], type[BaseException], str]] = {
     "load_pruned/a-training-checkpoint": (lambda w: oba.load_pruned(w.dir / "ft.pt"), ValueError,
                                           r"ft\.pt is not a pruned model.*oba\.train\.load_checkpoint"),
     "save_pruned/unknown-arch": (lambda w: oba.save_pruned(w.model, w.dir / "new.pt", "mycnn"), ValueError,
-                                 r"arch='mycnn' is not a model name of oba\.models.*Pass the registry name"),
+                                 r"arch='mycnn' is not a model name of oba\.models.*Pass the name the model"),
     # --- oba.data
     "data/batch-size-zero": (lambda w: D.loader(D.synthetic(8, shape=SHAPE, num_classes=2, seed=0), batch_size=0),
                              ValueError, r"batch_size must be a whole number >= 1, got 0"),

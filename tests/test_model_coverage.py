@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import oba
+import oba.models
 from oba.flops import count_flops
 from oba.prunable import Logits, attention_heads
 
@@ -179,3 +180,24 @@ def test_hugging_face_bert_and_vit_prune_to_the_target_with_exact_oba():
     torch.manual_seed(0)
     vit = transformers.ViTForImageClassification(cfg).eval()
     prune_and_check(Logits(vit), torch.randn(1, 3, 32, 32), data((3, 32, 32)), criterion="oba")
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs, side",
+    [
+        ("torchvision:resnext50_32x4d", {"num_classes": 10}, 64),
+        ("timm:vit_tiny_patch16_224", {"num_classes": 10, "img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    ],
+)
+def test_a_pruned_torchvision_or_timm_model_saves_and_loads(tmp_path, arch, kwargs, side):
+    torch.manual_seed(0)
+    model = oba.models.create(arch, **kwargs).eval()
+    x = torch.randn(2, 3, side, side)
+    oba.prune_structured(model, x[:1], "magnitude", keep_flops=0.6, steps=2, progress=False)
+    oba.save_pruned(model, tmp_path / "pruned.pt", arch, kwargs)
+    loaded = oba.load_pruned(tmp_path / "pruned.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert [a.heads for a in attention_heads(loaded)] == [a.heads for a in attention_heads(model)]
+    with pytest.raises(ValueError, match="'timm:<name>'"):
+        oba.save_pruned(model, tmp_path / "x.pt", "timm:no_such_model")

@@ -60,6 +60,7 @@ __all__ = [
     "available",
     "checkpoint_sha256_prefix",
     "create",
+    "known",
     "get_spec",
     "load_pretrained",
 ]
@@ -193,9 +194,45 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; available: {available()}") from None
 
 
+EXTERNAL_SOURCES = ("torchvision", "timm")
+"""Prefixes :func:`create` takes besides the registry names: ``"torchvision:resnext50_32x4d"``, ``"timm:deit_tiny_
+patch16_224"`` (random initialisation; the same builders users call)."""
+
+
 def create(name: str, **kwargs: Any) -> nn.Module:
-    """A randomly initialised model, ``get_spec(name).builder(**kwargs)`` (e.g. ``num_classes``)."""
-    return get_spec(name).builder(**kwargs)
+    """A randomly initialised model: ``get_spec(name).builder(**kwargs)`` (e.g. ``num_classes``) for a registry name;
+    ``torchvision.models.get_model(model, weights=None, **kwargs)`` for ``"torchvision:<model>"``;
+    ``timm.create_model(model, pretrained=False, **kwargs)`` for ``"timm:<model>"``."""
+    source, sep, model = name.partition(":")
+    if not sep:
+        return get_spec(name).builder(**kwargs)
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(model, weights=None, **kwargs)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(model, pretrained=False, **kwargs)
+    raise KeyError(f"unknown model source {source!r} in {name!r}; sources: {', '.join(EXTERNAL_SOURCES)}")
+
+
+def known(name: str) -> bool:
+    """Whether :func:`create` can build ``name`` (a registry name or a model of an external source)."""
+    source, sep, model = name.partition(":")
+    if not sep:
+        return name in REGISTRY
+    if source == "torchvision":
+        import torchvision
+
+        return model in torchvision.models.list_models(module=torchvision.models)
+    if source == "timm":
+        try:
+            import timm
+        except ImportError:
+            return False
+        return timm.is_model(model)
+    return False
 
 
 def checkpoint_sha256_prefix(file_name: str) -> str | None:
