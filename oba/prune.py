@@ -311,8 +311,8 @@ def prune_structured(
     Either it succeeds, or the caller's model is left exactly as it was: arguments and the model are checked
     before anything changes (``torch.nn.utils.prune`` masks, ``nn.GRU``/``nn.RNN``, batches unlike
     ``example_inputs``), and on any exception during the run (``TargetNotReachedError`` and ``KeyboardInterrupt``
-    included) every module gets back a snapshot taken at the start (values and structure; parameters are new
-    tensor objects, as pruning would have made). The snapshot costs one copy of the model in memory.
+    included) every module gets back its attributes and its original parameter and buffer objects with their
+    values, as taken at the start. The snapshot costs one copy of the model's tensors in memory.
 
     Raises:
         ValueError, TypeError: no target, several targets, or a target outside ``(0, 1]``; bad options; a masked
