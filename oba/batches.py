@@ -5,6 +5,7 @@ batch before it changes anything."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -104,16 +105,16 @@ def check_inputs_like(inputs: Any, example_inputs: Any, name: str) -> None:
 
 
 def first_checked(model: nn.Module, loss_fn: LossFn | None, batches: Iterable[Any]) -> Iterator[Any]:
-    """The batches of ``batches``, unchanged, after :func:`check_batch` of the first one (on the model's device)
-    and before it is handed on; consumes ``batches`` lazily, as iterating it would."""
+    """An iterator over ``batches``, unchanged, whose first batch went through :func:`check_batch` (on the model's
+    device) now, when this is called: before the caller attaches hooks or traces anything. Only that first batch is
+    drawn ahead."""
     stream = iter(batches)
     first = next(stream, None)
     if first is None:
-        return
+        return stream
     device = next(iter(model.parameters()), torch.empty(0)).device
     check_batch(model, loss_fn, to_device(first, device))
-    yield first
-    yield from stream
+    return itertools.chain([first], stream)
 
 
 def check_example_inputs(model: nn.Module, example_inputs: Any) -> None:

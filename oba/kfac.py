@@ -203,9 +203,7 @@ def kfac_factor_sums(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = 0
-    stream = first_checked(model, loss_fn, itertools.islice(iter(batches), max_batches))
-    first = next(stream, None)  # checked before any hook is attached (what is wrong with the data, said first)
-    stream = itertools.chain([first] if first is not None else [], stream)
+    stream = first_checked(model, loss_fn, itertools.islice(iter(batches), max_batches))  # before any hook
     handles = [m.register_forward_hook(keep) for m in layers]
     try:
         with curvature_context(model):

@@ -95,16 +95,18 @@ class _Measure:
         self.dense, self.total_channels = dense, total_channels
         self._counted: tuple[tuple, dict[str, int]] | None = None
 
+    def _state(self) -> tuple:
+        return tuple(tuple(p.shape) for p in self.model.parameters())
+
     def macs(self) -> dict[str, int]:
         """MACs per module of the model as it is now (``""``: the total), counted once per state."""
-        state = tuple(tuple(p.shape) for p in self.model.parameters())
-        if self._counted is None or self._counted[0] != state:
-            self._counted = (state, macs_by_module(self.model, self.example_inputs, in_place=True))
+        if self._counted is None or self._counted[0] != self._state():
+            self.seed(macs_by_module(self.model, self.example_inputs, in_place=True))
         return self._counted[1]
 
     def seed(self, macs: dict[str, int]) -> None:
         """``macs`` (of :func:`macs_by_module`) is the count of the model as it is now."""
-        self._counted = (tuple(tuple(p.shape) for p in self.model.parameters()), macs)
+        self._counted = (self._state(), macs)
 
     def channels(self) -> int:
         """Prunable channels left: the output widths of the groups' root layers (what ``len(group[0].idxs)`` of

@@ -138,47 +138,28 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
             if d.target.module in ctx.num_heads and ctx.dg.is_out_channel_pruning_fn(d.handler)
         ]
         init = ctx.initial_width.get(root, n)
-        groups_of_channels = 1 if heads_of else channel_groups(ctx.dg, group)
-        if groups_of_channels > 1:  # grouped convolutions, GroupNorm: slot j leaves every group at once
-            k = groups_of_channels
-            size = n // k
-            scores = imp.detach().double().reshape(k, size).mean(0)
-            min_channels = k * max(1, math.ceil(init // k * (1 - ctx.max_sparsity)))
-            cost = k * _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total
-            gi = len(groups)
-            groups.append(_Group(root, handler, list(range(n)), min_channels, k, dims=_dims(ctx.dg, group, n)))
-            for rank, j in enumerate(torch.argsort(scores).tolist()):
-                key = float(scores[j]) if ctx.global_ranking else (rank + 1) / size
-                units.append(_Unit(key, gi, tuple(j + g * size for g in range(k)), cost))
-            continue
-        if heads_of:  # whole heads: of each part ([q | k | v] of a fused projection, else one), the same head
-            h, parts = ctx.num_heads[heads_of[0]], ctx.head_parts.get(heads_of[0], 1)
-            d = n // parts // h
-            size = parts * d
-            per_head = imp.detach().double().reshape(parts, h, d)
-            scores = per_head.mean((0, 2))  # per channel, comparable with channel units
-            min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
-
-        else:
-            size = 1
-            scores = imp.detach().double()
-            min_channels = max(1, math.ceil(init * (1 - ctx.max_sparsity)))
+        # a unit: d channels of each of `parts` equal parts of the group's channels, the same d in every part
+        if heads_of:  # a whole head: of each part ([q | k | v] of a fused projection, else one), the same head
+            parts = ctx.head_parts.get(heads_of[0], 1)
+            d = n // parts // ctx.num_heads[heads_of[0]]
+        else:  # a channel; with grouped convolutions or GroupNorm, the same slot of every channel group
+            parts, d = channel_groups(ctx.dg, group), 1
+        size = parts * d
+        scores = imp.detach().double().reshape(parts, -1, d).mean((0, 2))  # per channel, comparable across units
+        min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
         cost = size * _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total
         gi = len(groups)
         groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
         order = torch.argsort(scores)
         for rank, u in enumerate(order.tolist()):
             key = float(scores[u]) if ctx.global_ranking else (rank + 1) / len(order)
-            units.append(_Unit(key, gi, _unit_channels(u, size, n, parts if heads_of else 1), cost))
+            units.append(_Unit(key, gi, _unit_channels(u, d, n // parts, parts), cost))
     units.sort()
     return groups, units
 
 
-def _unit_channels(u: int, size: int, n: int, parts: int) -> tuple[int, ...]:
-    """Root channels of unit ``u`` (``size`` channels): contiguous, or one slice of each of ``parts`` parts."""
-    if parts == 1:
-        return tuple(range(u * size, (u + 1) * size))
-    d, width = size // parts, n // parts
+def _unit_channels(u: int, d: int, width: int, parts: int) -> tuple[int, ...]:
+    """Root channels of unit ``u``: ``[p * width + u * d, p * width + (u + 1) * d)`` for each part ``p``."""
     return tuple(p * width + u * d + j for p in range(parts) for j in range(d))
 
 
@@ -192,12 +173,6 @@ def _dims(dg: tp.DependencyGraph, group: Any, n: int) -> list[tuple[nn.Module, b
     return [(layer, out, ratio) for (layer, out), ratio in found.items()]
 
 
-def _width(layer: nn.Module, out: bool) -> int:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features if out else layer.in_features
-    return layer.out_channels if out else layer.in_channels
-
-
 class MacModel:
     r"""Predicted MACs of the model as units go, from the real per-module count at the start of a step.
 
@@ -209,15 +184,14 @@ class MacModel:
 
     def __init__(self, ctx: StepContext, macs: Mapping[str, int]) -> None:
         self.ctx = ctx
-        named = dict(ctx.dg.model.named_modules())
         self.width: dict[tuple[nn.Module, bool], float] = {}
         self.coef: dict[nn.Module, float] = {}
         modelled = 0.0
-        for name, layer in named.items():
+        for name, layer in ctx.dg.model.named_modules():
             if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and macs.get(name):
-                cin, cout = _width(layer, False), _width(layer, True)
+                cin, cout = ctx.dg.get_in_channels(layer), ctx.dg.get_out_channels(layer)
                 self.width[layer, False], self.width[layer, True] = cin, cout
-                self.coef[layer] = macs[name] / (self._fan_in(layer, cin, cout) * cout)
+                self.coef[layer] = macs[name] / (self._fan_in(layer, cin) * cout)
                 modelled += macs[name]
         self.attention: dict[nn.Module, tuple[float, float]] = {}  # q layer -> (own MACs, query width at start)
         seen: set[str] = set()
@@ -232,13 +206,14 @@ class MacModel:
         self.fixed = macs.get("", 0) - modelled
         self.total = float(macs.get("", 0))
 
-    def _fan_in(self, layer: nn.Module, cin: float, cout: float) -> float:
+    @staticmethod
+    def _fan_in(layer: nn.Module, cin: float) -> float:
         groups = getattr(layer, "groups", 1)
         return 1.0 if groups > 1 and layer.in_channels == groups else cin / groups
 
     def _macs(self, layer: nn.Module) -> float:
         cin, cout = self.width[layer, False], self.width[layer, True]
-        own = self.coef[layer] * self._fan_in(layer, cin, cout) * cout
+        own = self.coef[layer] * self._fan_in(layer, cin) * cout
         if layer in self.attention:
             extra, start = self.attention[layer]
             own += extra * cout / start
