@@ -80,21 +80,13 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     import torch.nn.functional as F
 
     import oba
+    import oba.models
     from oba.flops import count_flops
 
     torch.manual_seed(0)
-    if source == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-        side = input_size(name)
-    elif source == "timm":
-        import timm
-
-        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-        side = 224 if TIMM_224.match(name) else 64
-    else:
-        raise ValueError(f"unknown source {source!r}")
+    arch = f"{source}:{name}"
+    model = oba.models.create(arch, num_classes=10).eval()
+    side = input_size(name) if source == "torchvision" else 224 if TIMM_224.match(name) else 64
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, side, side, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
     example = torch.randn(1, 3, side, side, generator=g)
@@ -109,8 +101,11 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     pruned = count_flops(model, example)
     assert model(batches[0][0]).shape == (4, 10)
     assert pruned.macs / dense.macs <= KEEP + 1e-9, f"target missed: {pruned.macs / dense.macs:.3f} of the MACs"
-    path = Path(tmp) / f"{name}.pt"
-    torch.save(model.state_dict(), path)  # the generic save/load of pruned third-party models is still to come
+    path = Path(tmp) / f"{source}_{name}.pt"
+    oba.save_pruned(model, path, arch, {"num_classes": 10})
+    with torch.no_grad():
+        torch.testing.assert_close(oba.load_pruned(path).eval()(example), model(example))
+    path.unlink()
     return {
         "macs_kept": pruned.macs / dense.macs, "params_kept": pruned.params / dense.params, "seconds": seconds,
         "latency_dense_ms": latency_dense, "latency_pruned_ms": _latency_ms(model, example),
@@ -123,15 +118,15 @@ def overhead(model_names: list[str], repeats: int) -> list[dict]:
 
     import torch
     import torch_pruning as tp
-    import torchvision
 
     import oba
+    import oba.models
     from oba.prunable import default_ignored_layers
 
     rows = []
     for name in model_names:
         torch.manual_seed(0)
-        base = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+        base = oba.models.create(f"torchvision:{name}", num_classes=10).eval()
         side = input_size(name)
         x = torch.randn(1, 3, side, side)
 

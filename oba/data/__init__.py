@@ -32,7 +32,7 @@ Determinism
     it to the dataset (:class:`SeededIndex`), so random augmentation depends only on the loader's seed and
     the epoch -- not on the global RNG, nor on ``num_workers``. Saving and restoring
     ``loader.generator.get_state()`` (as :func:`oba.train.fine_tune` does) resumes the exact stream.
-    :func:`scoring_batches` draws a fixed list of batches across the whole dataset (whatever its storage order:
+    :func:`scoring_batches` draws a fixed sequence of batches across the whole dataset (whatever its storage order:
     the CIFAR JPEG copy is stored class by class, and :func:`subset` keeps the parent's order), to score every
     criterion and step on the same data.
     :func:`distributed_loader` gives each process of a :mod:`torch.distributed` group its part of the data
