@@ -12,7 +12,8 @@ subprocess (memory limit ``--memory-gb`` on its address space, ``--timeout`` sec
 blow-up is that row's result and its peak resident memory is its own.
 
 Each row: model, family, source, criterion, status (``pass`` / ``fail``), the error's first line, MACs and
-parameters kept, time, peak memory (MB), CPU latency of the dense and the pruned model on one input (median of 5).
+parameters kept, time, peak memory (MB), CPU latency of the dense and the pruned model on one input
+(:func:`oba.flops.latency_ms`, median of 10).
 Rows are appended to ``--out`` as they finish (a rerun skips the rows already there); a summary per source
 is printed at the end.
 
@@ -61,19 +62,6 @@ def input_size(name: str) -> int:
     return 96 if name == "inception_v3" else 64
 
 
-def _latency_ms(model, x, repeats: int = 5) -> float:
-    import torch
-
-    times = []
-    with torch.inference_mode():
-        model(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     """Prune one model with one criterion (in this process); the row of the table."""
     import torch
@@ -81,7 +69,7 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
 
     import oba
     import oba.models
-    from oba.flops import count_flops
+    from oba.flops import count_flops, latency_ms
 
     torch.manual_seed(0)
     arch = f"{source}:{name}"
@@ -91,7 +79,7 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     batches = [(torch.randn(4, 3, side, side, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
     example = torch.randn(1, 3, side, side, generator=g)
     dense = count_flops(model, example)
-    latency_dense = _latency_ms(model, example)
+    latency_dense = latency_ms(model, example)
     start = time.perf_counter()
     oba.prune_structured(
         model, example, criterion, keep_flops=KEEP, steps=2, batches_per_step=1, loss_fn=F.cross_entropy,
@@ -108,7 +96,7 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     path.unlink()
     return {
         "macs_kept": pruned.macs / dense.macs, "params_kept": pruned.params / dense.params, "seconds": seconds,
-        "latency_dense_ms": latency_dense, "latency_pruned_ms": _latency_ms(model, example),
+        "latency_dense_ms": latency_dense, "latency_pruned_ms": latency_ms(model, example),
     }  # fmt: skip
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 __all__ = [
     "BadBatchError",
@@ -117,10 +119,11 @@ def first_checked(model: nn.Module, loss_fn: LossFn | None, batches: Iterable[An
     return itertools.chain([first], stream)
 
 
-def check_example_inputs(model: nn.Module, example_inputs: Any) -> None:
+def check_example_inputs(model: nn.Module, example_inputs: Any, forward: Callable[[], T] | None = None) -> T | None:
     """``example_inputs`` must be what Torch-Pruning traces the model with: a tensor (``model(x)``), a tuple or
     list (``model(*x)``) or a dict (``model(**x)``) on which the model runs. Checked with one forward pass in eval
-    mode under ``torch.no_grad`` (nothing changes); a :class:`BadBatchError` otherwise."""
+    mode under ``torch.no_grad`` (nothing changes); a :class:`BadBatchError` otherwise. ``forward``: a function
+    running that pass some other way (e.g. counting its MACs), whose result is returned."""
     if not isinstance(example_inputs, (Tensor, tuple, list, dict)):
         raise BadBatchError(
             f"example_inputs must be a tensor (or a tuple/dict of model arguments), got "
@@ -129,12 +132,15 @@ def check_example_inputs(model: nn.Module, example_inputs: Any) -> None:
     with torch.no_grad(), modes_restored(model):
         model.eval()
         try:
+            if forward is not None:
+                return forward()
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
             elif isinstance(example_inputs, (tuple, list)):
                 model(*example_inputs)
             else:
                 model(example_inputs)
+            return None
         except Exception as err:
             raise BadBatchError(
                 f"the model fails on example_inputs ({_describe(example_inputs)}): {_first_line(err)}. Pass one "

@@ -374,10 +374,14 @@ def score_sums(
 class Scorer:
     """``scorer(model, batches) -> importance``: a Torch-Pruning importance of the *current* model, what
     :func:`oba.prune_structured` calls before every step. ``needs_data`` says whether it scores on batches;
-    :meth:`prepare` runs once before the first step (a no-op but for criteria with a :class:`Preparation`)."""
+    :meth:`prepare` runs once before the first step (a no-op but for criteria with a :class:`Preparation`).
+    ``writes_tensors`` says whether scoring (or the preparation) may write into the model's parameters or buffers in
+    place: ``True`` unless known otherwise, and then :func:`oba.prune_structured`'s failure snapshot copies their
+    values first."""
 
     needs_data: bool = True
     preparation: Preparation | None = None
+    writes_tensors: bool = True
 
     def __call__(self, model: nn.Module, batches: Sequence[Batch]) -> Importance:
         raise NotImplementedError
@@ -413,6 +417,8 @@ class CriterionScorer(Scorer):
             raise ValueError(f"criterion {criterion!r} needs a loss_fn")
         self.needs_data = self.criterion.needs_data
         self.preparation = self.criterion.preparation
+        # the registered scores read the model only (tests/test_prune.py checks every tensor's version counter)
+        self.writes_tensors = score_fn is not None or self.preparation is not None
         self.loss_fn, self.progress = loss_fn, progress
         self.normalizer, self.group_reduction = normalizer, group_reduction
         self.score_fn = score if score_fn is None else score_fn

@@ -21,6 +21,8 @@ size once; :attr:`FlopCount.nonzero_params` counts the unmasked nonzero entries.
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params", "macs_by_module"]
+__all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params", "latency_ms", "macs_by_module"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,34 @@ def _run_counter_in_place(
         for m, mode in modes:
             m.training = mode
     return counter
+
+
+def latency_ms(model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str, Any], repeats: int = 10) -> float:
+    """Measured wall-clock time of one forward pass of ``model`` on ``inputs``, in milliseconds: the median of
+    ``repeats`` passes after one warm-up, in eval mode under ``torch.inference_mode`` (the modes are restored).
+    What pruning is for, beside the counted MACs; a GPU model is synchronised around each pass. Other work on the
+    machine inflates it: compare models measured side by side."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
+    target, dtype = _device_and_dtype(model)
+    args, kwargs = _call_arguments(inputs, dtype, target)
+    sync = torch.cuda.synchronize if target.type == "cuda" else lambda: None
+    modes = [(m, m.training) for m in model.modules()]
+    times = []
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for run in range(repeats + 1):
+                sync()
+                start = time.perf_counter()
+                model(*args, **kwargs)
+                sync()
+                if run:  # the first pass warms up
+                    times.append(1000 * (time.perf_counter() - start))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return statistics.median(times)
 
 
 def count_params(model: nn.Module) -> int:

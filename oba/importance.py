@@ -95,7 +95,7 @@ def magnitude(model: nn.Module, params=None, *, p: int = 1) -> Params:
     r""":math:`|\theta|^p` of the selected parameters (``p`` 1 or 2); no data."""
     if p not in (1, 2):
         raise ValueError(f"magnitude: p must be 1 or 2, got {p!r}")
-    return OrderedDict((n, t.abs() ** p) for n, t in select_params(model, params).items())
+    return OrderedDict((n, t.abs() if p == 1 else t.square()) for n, t in select_params(model, params).items())
 
 
 def accumulate(

@@ -202,25 +202,32 @@ def _check_batches(batches: list[Batch], example_inputs: Any, step: int) -> None
 
 
 @contextlib.contextmanager
-def _restored_on_failure(model: nn.Module):
+def _restored_on_failure(model: nn.Module, copy_values: bool = True):
     """Leave ``model`` exactly as it was when the block raises (any exception, ``TargetNotReachedError`` and
     ``KeyboardInterrupt`` included): every module of the caller's tree gets back its attributes (sizes, head
     counts, its parameter, buffer and child dicts) and every original parameter and buffer its values. The
-    snapshot is shallow (pruning puts new tensors in place of the old ones, which stay untouched) plus one copy of
-    every tensor's values against in-place changes: no deep copy of the modules."""
+    snapshot is shallow: pruning puts new tensors in place of the old ones, which stay untouched. ``copy_values``:
+    also copy every tensor's values, against in-place writes (a scorer that may write, :attr:`Scorer.writes_tensors`);
+    without it, a tensor written in place all the same (its version counter moved) is named in a note on the
+    exception."""
     modules = list(model.modules())
     attributes = {m: _shallow_state(m) for m in modules}
     tensors = [t for m in modules for t in [*m._parameters.values(), *m._buffers.values()] if t is not None]
-    values = [(t, t.detach().clone()) for t in tensors]
+    values = [(t, t.detach().clone()) for t in tensors] if copy_values else []
+    versions = [(t, t._version) for t in tensors]
     try:
         yield
-    except BaseException:
+    except BaseException as err:
         with torch.no_grad():
             for tensor, saved in values:
                 tensor.data = saved
         for m, state in attributes.items():
             m.__dict__.clear()
             m.__dict__.update(state)
+        if not copy_values and (written := sum(t._version != v for t, v in versions)):
+            err.add_note(
+                f"{written} of the model's tensors were written in place during the run and keep their new values"
+            )
         raise
 
 
@@ -314,7 +321,8 @@ def prune_structured(
     before anything changes (``torch.nn.utils.prune`` masks, ``nn.GRU``/``nn.RNN``, batches unlike
     ``example_inputs``), and on any exception during the run (``TargetNotReachedError`` and ``KeyboardInterrupt``
     included) every module gets back its attributes and its original parameter and buffer objects with their
-    values, as taken at the start. The snapshot costs one copy of the model's tensors in memory.
+    values, as taken at the start. The snapshot copies the tensors' values only for a scorer that may write into
+    them (your own function or Torch-Pruning importance); the registered criteria never do (tested).
 
     Raises:
         ValueError, TypeError: no target, several targets, or a target outside ``(0, 1]``; bad options; a masked
@@ -332,22 +340,26 @@ def prune_structured(
     scorer = as_scorer(importance, loss_fn)
     _check_options(target, reference, score_mode, max_channel_sparsity, scorer, batches)
     _check_model(model)
-    check_example_inputs(model, example_inputs)
+    # the check's forward pass counts the dense model's MACs (the targets' denominator) when it is the reference
+    count = None if reference is not None else lambda: macs_by_module(model, example_inputs, in_place=True)
+    dense_macs = check_example_inputs(model, example_inputs, count)
     ignored_layers = _resolve_layers(model, ignored_layers)
-    with _restored_on_failure(model), modes_restored(model):  # Torch-Pruning's tracing switches to eval mode
+    with _restored_on_failure(model, scorer.writes_tensors), modes_restored(model):  # tracing switches to eval
         return _run(
             model, example_inputs, scorer, target, batches, batches_per_step, reference, score_mode, global_ranking,
             max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step,
+            dense_macs,
         )  # fmt: skip
 
 
 def _run(
     model, example_inputs, scorer, target, batches, batches_per_step, reference, score_mode, global_ranking,
-    max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step,
+    max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step, dense_macs,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:  # fmt: skip
-    """:func:`prune_structured` after its arguments are checked (same arguments)."""
+    """:func:`prune_structured` after its arguments are checked (same arguments; ``dense_macs``: the model's
+    per-module MACs, counted with the check, or ``None`` when ``reference`` sets the targets)."""
     given = {m: m.training for m in model.modules()}  # the modes scoring uses when score_mode is None
-    dense, dense_macs = _dense_cost(model, reference, example_inputs)  # before any preparation
+    dense, dense_macs = _dense_cost(model, reference, example_inputs, dense_macs)  # before any preparation
     prepared = scorer.prepare(model, ignored_layers)  # in place; the layers the criterion ignores, if it says
     ignored = list(default_ignored_layers(model) if prepared is None else prepared)
     ctx = _context(model, example_inputs, ignored, root_module_types, num_heads, max_channel_sparsity, global_ranking)
@@ -378,11 +390,13 @@ def _run(
     return model, history
 
 
-def _dense_cost(model: nn.Module, reference: nn.Module | None, example_inputs: Any) -> tuple[FlopCount, dict[str, int]]:
+def _dense_cost(
+    model: nn.Module, reference: nn.Module | None, example_inputs: Any, counted: dict[str, int] | None
+) -> tuple[FlopCount, dict[str, int]]:
     """MACs and parameters the targets are fractions of: ``reference``'s (counted on a copy), else the model's own
-    (counted by running it once: the pruning loop owns it for the call); and the per-module MACs of that count."""
+    (``counted``: the per-module MACs of running it once); and the per-module MACs of that count."""
     measured = model if reference is None else reference
-    macs = macs_by_module(measured, example_inputs, in_place=reference is None)
+    macs = counted if reference is None else macs_by_module(reference, example_inputs)
     return FlopCount(macs=macs[""], flops=2 * macs[""], params=count_params(measured)), macs
 
 

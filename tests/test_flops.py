@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
@@ -129,3 +130,22 @@ def test_macs_by_module_splits_the_total_over_the_layers():
     leaves = {n for n, m in model.named_modules() if not list(m.children())}
     assert sum(v for n, v in per_module.items() if n in leaves) == per_module[""]
     assert per_module["layer1.0.conv1"] == 2 * 16 * 16 * 9 * 32 * 32
+
+
+def test_latency_is_the_median_of_timed_passes_in_eval_mode_and_restores_the_mode(monkeypatch):
+    from oba.flops import latency_ms
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((self.training, torch.is_inference_mode_enabled()))
+            return x * 2
+
+    clock = iter([0.0, 10.0, 10.002, 20.0, 20.005, 30.0, 30.001])  # warm-up (not timed), then 2, 5, 1 ms
+    monkeypatch.setattr("oba.flops.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    model = Probe().train()
+    assert latency_ms(model, torch.ones(2), repeats=3) == pytest.approx(2.0)
+    assert seen == [(False, True)] * 4 and model.training
+    with pytest.raises(ValueError, match="repeats must be a whole number"):
+        latency_ms(model, torch.ones(2), repeats=0)

@@ -201,6 +201,45 @@ def test_scoring_in_train_mode_keeps_running_stats_and_leaves_no_hooks(criterion
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("criterion", oba.criteria.names("structured"))
+def test_registered_criteria_never_write_into_the_models_tensors(criterion):
+    """The failure snapshot copies no tensor values for registered criteria (``writes_tensors`` is False): that is
+    only sound if scoring and pruning leave every original parameter and buffer untouched (pruning puts new tensors
+    in their place). Their version counters prove it, in train mode (BatchNorm on batch statistics) too."""
+    scorer = make_scorer(criterion, F.cross_entropy)
+    assert scorer.writes_tensors == (scorer.preparation is not None)
+    if scorer.writes_tensors:
+        return  # EigenDamage rewrites the model first: the snapshot copies the values
+    model = resnet20()
+    originals = [(t, t._version) for t in [*model.parameters(), *model.buffers()]]
+    mode = "eval" if criterion == "obd_fisher" else "train"  # its per-sample Fisher needs eval mode
+    prune_structured(
+        model, EXAMPLE, scorer, keep_flops=0.8, batches=batches(1, size=4), batches_per_step=1, score_mode=mode,
+        progress=False,
+    )  # fmt: skip
+    assert [t._version for t, _ in originals] == [v for _, v in originals]
+
+
+def test_a_scorer_of_your_own_that_writes_in_place_and_fails_leaves_the_model_as_it_was():
+    model = resnet20()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def scorer(m, b):  # writes into the weights, then fails at the second step
+        calls.append(1)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(0.5)
+        if len(calls) == 2:
+            raise RuntimeError("scorer failed")
+        return tp.importance.GroupMagnitudeImportance()
+
+    with pytest.raises(RuntimeError, match="scorer failed"):
+        prune_structured(model, EXAMPLE, scorer, keep_flops=0.5, steps=2, batches=[None], progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # ----------------------------------------------------------------------------- one rule, one default
 def test_scores_are_computed_in_the_models_own_mode_unless_one_is_named():
     seen = []
