@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from oba.arguments import check_whole_number
+
 __all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params", "latency_ms", "macs_by_module"]
 
 
@@ -148,8 +150,7 @@ def latency_ms(model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str
     ``repeats`` passes after one warm-up, in eval mode under ``torch.inference_mode`` (the modes are restored).
     What pruning is for, beside the counted MACs; a GPU model is synchronised around each pass. Other work on the
     machine inflates it: compare models measured side by side."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
+    check_whole_number("repeats", repeats)
     target, dtype = _device_and_dtype(model)
     args, kwargs = _call_arguments(inputs, dtype, target)
     sync = torch.cuda.synchronize if target.type == "cuda" else lambda: None

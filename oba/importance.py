@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.arguments import check_whole_number
 from oba.batches import batch_count, first_checked, to_device
 from oba.curvature import (
     Batch,
@@ -124,9 +125,7 @@ def accumulate(
     ``batches``) and the first affected parameter; with ``skip_nonfinite=True`` such batches are left out (and
     not counted) with a warning instead.
     """
-    whole = isinstance(max_batches, int) and not isinstance(max_batches, bool)
-    if max_batches is not None and not (whole and max_batches >= 1):
-        raise ValueError(f"max_batches must be None or a whole number >= 1, got {max_batches!r}")
+    check_whole_number("max_batches", max_batches, allow_none=True)
     theta = select_params(model, params)
     if any(t.is_meta for t in theta.values()):
         raise ValueError(

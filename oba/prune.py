@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.arguments import check_whole_number
 from oba.batches import check_example_inputs, check_inputs_like, modes_restored
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
@@ -335,8 +335,7 @@ def prune_structured(
     target = PruningTarget.from_arguments(
         keep_flops, keep_params, keep_channels, steps=steps, schedule=schedule, step_targets=step_targets
     )
-    if isinstance(batches_per_step, bool) or not isinstance(batches_per_step, numbers.Integral) or batches_per_step < 1:
-        raise ValueError(f"batches_per_step must be a whole number >= 1, got {batches_per_step!r}")
+    check_whole_number("batches_per_step", batches_per_step)
     scorer = as_scorer(importance, loss_fn)
     _check_options(target, reference, score_mode, max_channel_sparsity, scorer, batches)
     _check_model(model)

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oba import process_group as pg
+from oba.arguments import check_whole_number
 from oba.batches import LossFn, batch_count, check_batch, modes_restored, to_device
 from oba.io import append_jsonl, atomic_write, load_torch, read_jsonl, save_torch
 from oba.models.checkpoints import state_dict_mismatches
@@ -436,8 +437,7 @@ def _check_arguments(
     for name, loader in (("train_loader", train_loader), ("eval_loader", eval_loader)):
         if loader is not None and (isinstance(loader, (str, bytes, Tensor)) or not isinstance(loader, Iterable)):
             raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
+    check_whole_number("epochs", epochs, 0)
     for name, value, low in (("lr", lr, 0.0), ("gamma", gamma, 0.0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= low:
             raise ValueError(f"{name} must be a number > 0, got {value!r}")

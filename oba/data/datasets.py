@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from oba.arguments import check_whole_number
+
 from .normalization import Normalize
 from .paths import DatasetNotFoundError, PathLike
 from .transforms import TensorImageTransform
@@ -284,9 +286,8 @@ class ScoringBatches(Sequence):
     """
 
     def __init__(self, dataset: Dataset, num_batches: int, batch_size: int, seed: int = 0) -> None:
-        for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        check_whole_number("num_batches", num_batches)
+        check_whole_number("batch_size", batch_size)
         total = len(dataset)  # type: ignore[arg-type]
         if batch_size > total:
             raise ValueError(f"batch_size={batch_size} is larger than the dataset ({total} items)")

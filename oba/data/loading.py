@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from oba.arguments import check_whole_number
 from oba.process_group import get_rank, get_world_size
 
 from .datasets import SeededIndex
@@ -53,9 +54,8 @@ def _data_loader(
     persistent_workers: bool,
     collate_fn: Callable[[list[Any]], Any] | None,
 ) -> DataLoader:
-    for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    check_whole_number("batch_size", batch_size)
+    check_whole_number("num_workers", num_workers, 0)
     return DataLoader(
         dataset,
         batch_size=batch_size,
