@@ -1,15 +1,17 @@
 """Which models ``oba.prune_structured`` prunes: the coverage table (issue #13).
 
-    python benchmarks/model_coverage.py [--source torchvision] [--criteria magnitude oba] [--only resnet18 ...]
-                                        [--out results/coverage.jsonl] [--timeout 600] [--memory-gb 8]
+    python benchmarks/model_coverage.py [--source torchvision|timm|transformers] [--criteria magnitude oba]
+                                        [--only resnet18 ...] [--out results/coverage.jsonl] [--timeout 600]
+                                        [--memory-gb 8]
 
-For every model of the source (torchvision: ``torchvision.models.list_models(module=torchvision.models)``; timm:
-the 35 models of :data:`TIMM`, one or more per family), at
-random initialisation and in eval mode, on synthetic inputs (4 images of 64x64; 224x224 where the architecture
-fixes it, 96x96 for Inception-v3): prune with each criterion to 0.6 of the MACs in 2 steps of one scoring batch,
-then check that the pruned model runs, met the target, and saves and loads. One model and criterion per fresh
-subprocess (memory limit ``--memory-gb`` on its address space, ``--timeout`` seconds), so a failure or a memory
-blow-up is that row's result and its peak resident memory is its own.
+For every model of the source (torchvision: ``torchvision.models.list_models(module=torchvision.models)``; timm: the
+35 models of :data:`TIMM`, one or more per family; transformers: BERT, RoBERTa, GPT-2, LLaMA-style with grouped-
+query attention, ViT and Swin at the small configs of :data:`HF`, through ``oba.prunable.Logits``), at random
+initialisation and in eval mode, on synthetic inputs (4 images of 64x64; 224x224 where the architecture fixes it,
+96x96 for Inception-v3; 4 sequences of 64 tokens): prune with each criterion to 0.6 of the MACs in 2 steps of one
+scoring batch, then check that the pruned model runs, met the target, and saves and loads. One model and criterion
+per fresh subprocess (memory limit ``--memory-gb`` on its address space, ``--timeout`` seconds), so a failure or a
+memory blow-up is that row's result and its peak resident memory is its own.
 
 Each row: model, family, source, criterion, status (``pass`` / ``fail``), the error's first line, MACs and
 parameters kept, time, peak memory (MB), CPU latency of the dense and the pruned model on one input
@@ -62,22 +64,62 @@ def input_size(name: str) -> int:
     return 96 if name == "inception_v3" else 64
 
 
+# Hugging Face transformers at small configs (random init): (model class, config fields, input kind)
+_TEXT = {"vocab_size": 1000, "pad_token_id": 0}
+HF = {
+    "bert": ("BertForSequenceClassification", {**_TEXT, "hidden_size": 256, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "intermediate_size": 1024}, "text"),
+    "roberta": ("RobertaForSequenceClassification", {**_TEXT, "pad_token_id": 1, "hidden_size": 256,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}, "text"),
+    "gpt2": ("GPT2ForSequenceClassification", {**_TEXT, "n_embd": 256, "n_layer": 4, "n_head": 4,
+             "n_positions": 128}, "text"),
+    "llama_gqa": ("LlamaForSequenceClassification", {**_TEXT, "hidden_size": 256, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 688}, "text"),
+    "vit": ("ViTForImageClassification", {"image_size": 224, "patch_size": 16, "hidden_size": 256,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}, "image"),
+    "swin": ("SwinForImageClassification", {"image_size": 224, "embed_dim": 48, "depths": [2, 2, 2, 2],
+             "num_heads": [3, 6, 12, 24]}, "image"),
+}  # fmt: skip
+
+
+def _model_and_data(source: str, name: str):
+    """``(model to prune, model to save, arch, kwargs, example, batches)`` at random init."""
+    import torch
+
+    import oba.models
+    from oba.prunable import Logits
+
+    g = torch.Generator().manual_seed(1)
+    labels = [torch.randint(0, 10, (4,), generator=g) for _ in range(2)]
+    if source == "transformers":
+        cls, config, kind = HF[name]
+        arch, kwargs = f"transformers:{cls}", {"config": {**config, "num_labels": 10, "attn_implementation": "eager"}}
+        inner = oba.models.create(arch, **kwargs).eval()
+        if kind == "text":
+            inputs = [{"input_ids": torch.randint(2, 1000, (4, 64), generator=g)} for _ in range(2)]
+            example = {"input_ids": inputs[0]["input_ids"][:1]}
+        else:
+            inputs = [torch.randn(4, 3, 224, 224, generator=g) for _ in range(2)]
+            example = inputs[0][:1]
+        return Logits(inner), inner, arch, kwargs, example, list(zip(inputs, labels, strict=True))
+    arch, kwargs = f"{source}:{name}", {"num_classes": 10}
+    model = oba.models.create(arch, **kwargs).eval()
+    side = 224 if source == "timm" and TIMM_224.match(name) else input_size(name)  # Inception-v3: 96 in both
+    batches = [(torch.randn(4, 3, side, side, generator=g), y) for y in labels]
+    return model, model, arch, kwargs, torch.randn(1, 3, side, side, generator=g), batches
+
+
 def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     """Prune one model with one criterion (in this process); the row of the table."""
     import torch
     import torch.nn.functional as F
 
     import oba
-    import oba.models
     from oba.flops import count_flops, latency_ms
+    from oba.prunable import Logits
 
     torch.manual_seed(0)
-    arch = f"{source}:{name}"
-    model = oba.models.create(arch, num_classes=10).eval()
-    side = input_size(name) if source == "torchvision" else 224 if TIMM_224.match(name) else 64
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 3, side, side, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
-    example = torch.randn(1, 3, side, side, generator=g)
+    model, inner, arch, kwargs, example, batches = _model_and_data(source, name)
     dense = count_flops(model, example)
     latency_dense = latency_ms(model, example)
     start = time.perf_counter()
@@ -87,12 +129,14 @@ def measure(source: str, name: str, criterion: str, tmp: str) -> dict:
     )  # fmt: skip
     seconds = time.perf_counter() - start
     pruned = count_flops(model, example)
-    assert model(batches[0][0]).shape == (4, 10)
+    with torch.no_grad():
+        assert model(batches[0][0]).shape == (4, 10)
     assert pruned.macs / dense.macs <= KEEP + 1e-9, f"target missed: {pruned.macs / dense.macs:.3f} of the MACs"
     path = Path(tmp) / f"{source}_{name}.pt"
-    oba.save_pruned(model, path, arch, {"num_classes": 10})
+    oba.save_pruned(inner, path, arch, kwargs)
+    loaded = oba.load_pruned(path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(oba.load_pruned(path).eval()(example), model(example))
+        torch.testing.assert_close((loaded if model is inner else Logits(loaded))(example), model(example))
     path.unlink()
     return {
         "macs_kept": pruned.macs / dense.macs, "params_kept": pruned.params / dense.params, "seconds": seconds,
@@ -150,6 +194,8 @@ def names(source: str) -> list[str]:
         return torchvision.models.list_models(module=torchvision.models)
     if source == "timm":
         return list(TIMM)
+    if source == "transformers":
+        return list(HF)
     raise ValueError(f"unknown source {source!r}")
 
 
@@ -169,7 +215,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="torchvision", choices=["torchvision", "timm"])
+    parser.add_argument("--source", default="torchvision", choices=["torchvision", "timm", "transformers"])
     parser.add_argument("--criteria", nargs="+", default=["magnitude", "oba"])
     parser.add_argument("--only", nargs="*", help="model names")
     parser.add_argument("--skip", nargs="*", default=[], help="model names to leave out")

@@ -210,8 +210,13 @@ def curvature_context(model: nn.Module) -> Iterator[None]:
     Inside: grad mode on, the math SDPA backend and no fused ``nn.MultiheadAttention`` fast path
     (neither has forward-mode derivatives); ``hardsigmoid`` computed by ops with second derivatives (same
     values); train-mode BatchNorm uses batch statistics without updating its running statistics; full backward
-    hooks are detached. See the module docstring for why.
+    hooks are detached; modules that cache a tensor computed from their parameters in eval mode (timm's LeViT and
+    EfficientFormer attention: ``attention_bias_cache``) run in train mode, where they compute it afresh from the
+    parameters being differentiated (same values). See the module docstring for why.
     """
+    caching = [
+        m for m in model.modules() if isinstance(getattr(m, "attention_bias_cache", None), dict) and not m.training
+    ]
     norms = [
         m
         for m in model.modules()
@@ -227,12 +232,16 @@ def curvature_context(model: nn.Module) -> Iterator[None]:
         for m in hooked:
             m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
             m._is_full_backward_hook = None
+        for m in caching:
+            m.training = True  # not .train(): that would also clear the cache, which eval mode then refills
         with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), _TwiceDifferentiable():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in norms:
             m.track_running_stats = True
+        for m in caching:
+            m.training = False
         for m, hooks, pre_hooks, full in saved_hooks:
             m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = hooks, pre_hooks, full
 

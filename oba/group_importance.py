@@ -38,6 +38,7 @@ Conv, in-channel pruning            :math:`\sum W[\text{filters of } c\text{'s g
 depthwise conv (groups = C_out)     :math:`\sum W[c, \dots] + b[c]` (Torch-Pruning prunes its input and
                                     output together, in one dependency)
 Linear                              out: :math:`\sum_j W[c, j] + b[c]`; in: :math:`\sum_i W[i, c]`
+Hugging Face ``Conv1D`` (GPT-2)     as Linear, its weight ``[in, out]`` transposed first
 BatchNorm, GroupNorm, InstanceNorm  :math:`\gamma[c] + \beta[c]` when affine; running statistics are
                                     buffers, not parameters, and carry no score
 LayerNorm                           :math:`\gamma, \beta` summed over every dimension but the pruned one
@@ -89,6 +90,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning.pruner import function as tpf
+
+from oba.hf_layers import Conv1DPruner, is_conv1d
 
 __all__ = ["DEFAULT_NORMALIZER", "ParameterScoreImportance", "StaleScoresError", "group_scores", "head_scores"]
 
@@ -247,8 +250,8 @@ class ParameterScoreImportance(tp.importance.Importance):
         if isinstance(layer, nn.Parameter):
             s = self._unwrapped_score(layer)
             return None if s is None else _sum_except(s, dep.target.pruning_dim)
-        if fn in _CONV_LINEAR_OUT or fn in _CONV_LINEAR_IN:
-            return self._conv_linear(layer, is_out=fn in _CONV_LINEAR_OUT)
+        if (end := _dense_end(fn)) is not None:
+            return self._conv_linear(layer, is_out=end)
         if fn == tpf.prune_depthwise_conv_out_channels:
             return _add(_sum_except(self._param_score(layer, "weight"), 0), self._param_score(layer, "bias"))
         if fn in _PER_CHANNEL_AFFINE:
@@ -280,7 +283,8 @@ class ParameterScoreImportance(tp.importance.Importance):
         """Kernel-summed weight scores of a conv/linear as a dense ``[C_out, C_in]`` matrix.
 
         A grouped conv's weight ``[C_out, C_in/g, *k]`` becomes block-diagonal (filters of group ``i`` read
-        input channels of group ``i`` only); a transposed conv's ``[C_in, C_out/g, *k]`` is transposed.
+        input channels of group ``i`` only); a transposed conv's ``[C_in, C_out/g, *k]`` and a Hugging Face
+        ``Conv1D``'s ``[C_in, C_out]`` are transposed.
         """
         w = self._param_score(layer, "weight")
         if w is None:
@@ -289,7 +293,7 @@ class ParameterScoreImportance(tp.importance.Importance):
         groups = int(getattr(layer, "groups", 1))
         if groups > 1:
             s = torch.block_diag(*s.reshape(groups, s.shape[0] // groups, s.shape[1]))
-        return s.T if getattr(layer, "transposed", False) else s
+        return s.T if getattr(layer, "transposed", False) or is_conv1d(layer) else s
 
     def _conv_linear(self, layer: nn.Module, is_out: bool) -> Tensor | None:
         d = self._dense_weight_score(layer)
@@ -337,11 +341,13 @@ class ParameterScoreImportance(tp.importance.Importance):
             per_channel = self._channel_scores(dep)
             if per_channel is None:
                 continue
-            at = torch.as_tensor(list(idxs), dtype=torch.long, device=per_channel.device)
-            pos = torch.as_tensor([position[r] for r in root_idxs], dtype=torch.long, device=per_channel.device)
+            # indices beyond the layer's width remove nothing (GPT-2's fused c_attn: oba.depgraph.prunable_groups)
+            inside = [k for k, i in enumerate(idxs) if i < len(per_channel)]
+            at = torch.as_tensor([idxs[k] for k in inside], dtype=torch.long, device=per_channel.device)
+            pos = torch.as_tensor([position[root_idxs[k]] for k in inside], dtype=torch.long, device=per_channel.device)
             contributions.append((per_channel[at], pos))
-            if dep.handler in _CONV_LINEAR_OUT or dep.handler in _CONV_LINEAR_IN:
-                conv_linear.setdefault(dep.target.module, {})[dep.handler in _CONV_LINEAR_OUT] = (at, pos)
+            if (end := _dense_end(dep.handler)) is not None:
+                conv_linear.setdefault(dep.target.module, {})[end] = (at, pos)
         if not contributions:
             return None
         crossings = [
@@ -391,6 +397,16 @@ class ParameterScoreImportance(tp.importance.Importance):
 
 
 # ---------------------------------------------------------------------- helpers
+def _dense_end(fn: Callable) -> bool | None:
+    """``True`` / ``False`` when the pruning function ``fn`` removes output / input channels of a conv, linear or
+    Hugging Face ``Conv1D`` layer (:class:`oba.hf_layers.Conv1DPruner`); ``None`` for any other function."""
+    if fn in _CONV_LINEAR_OUT or fn in _CONV_LINEAR_IN:
+        return fn in _CONV_LINEAR_OUT
+    if isinstance(getattr(fn, "__self__", None), Conv1DPruner):
+        return getattr(fn, "__func__", None) is Conv1DPruner.prune_out_channels
+    return None
+
+
 def _root_idxs(item: Any) -> list:
     root = getattr(item, "root_idxs", None)
     return list(item.idxs) if root is None else list(root)

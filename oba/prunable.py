@@ -13,10 +13,33 @@ timm ``Attention`` (ViT, DeiT, ...)                 ``qkv`` (fused)             
 Hugging Face BERT/RoBERTa self-attention            ``query``, ``key``, ``value``          ``num_attention_heads``,
                                                                                            ``all_head_size``
 Hugging Face ViT, LLaMA-style (``head_dim``)         ``q_proj``, ``k_proj``, ``v_proj``     ``num_attention_heads``
+timm Swin ``WindowAttention`` (bias table)          ``qkv`` (fused)                        ``num_heads``
+Hugging Face ``SwinAttention`` (``head_dim``)       ``q_proj``, ``k_proj``, ``v_proj``     ``num_attention_heads``
+Hugging Face GPT-2 ``GPT2Attention``                ``c_attn`` (fused, ``Conv1D``)         ``num_heads``,
+                                                                                           ``split_size``
 ==================================================  =====================================  ===================
 
+GPT-2's layers are Hugging Face ``Conv1D`` (a linear layer with its weight ``[in, out]``), pruned by
+:class:`oba.hf_layers.Conv1DPruner`, a Torch-Pruning custom pruner. Its attention splits the output of ``c_attn``
+into ``[q | k | v]`` pieces of ``split_size`` and views them as heads of ``head_dim`` (``embed_dim`` is read only when
+it is built); the residual stream stays (:func:`gpt2_pruning_ignored_layers`). Torch-Pruning 1.6 maps that split
+onto ``c_proj``'s inputs for the q part only (:func:`oba.depgraph.prunable_groups`, ``split_roots``), which is exact
+for whole heads.
+
+Swin window attention also holds tensors indexed by head (``AttentionHeads.per_head``): the relative position bias
+table ``[(2W-1)^2, H]`` (its columns), V2's ``logit_scale`` ``[H, 1, 1]`` and the last layer of its ``cpb_mlp``
+(rows). Torch-Pruning couples channels, and the bias reaches the attention logits through an indexing and an
+element-wise sum it can only map channel to channel, not channel to head; so these tensors are left out of its graph
+(``ignored_params``; the ``cpb_mlp`` layers as ``ignored_layers`` in tracing, :func:`per_head_tensors`) and oba
+removes the same heads from them when it removes heads from q, k and v (:meth:`AttentionHeads.drop_heads_at`,
+hand-written). torchvision's ``ShiftedWindowAttention`` computes its head width from the residual width
+(``C // num_heads``), so none of its heads can go: it is not listed, and its ``qkv`` is ignored (its MLPs prune).
+
 Grouped-query attention (fewer key/value heads than query heads) is not pruned yet: its projections are among the
-default ignored layers (:func:`grouped_query_attention`), so the rest of such a model (MLP units) prunes.
+default ignored layers (:func:`grouped_query_attention`), so the rest of such a model (MLP units) prunes. (Torch-Pruning
+1.6 loses the coupling at ``repeat_kv``: for a tiny LLaMA with 4 query and 2 key/value heads, ``v_proj``'s group holds
+``v_proj`` alone, without ``o_proj``, so removing a key/value head with its query group needs coupling written by
+hand.)
 
 Torch-Pruning couples q, k, v and the output projection of such a module in one group; the pruner removes whole
 heads from it (the same heads from q, k and v) and sets the attributes after each removal.
@@ -26,18 +49,22 @@ Ignored layers (their output channels are never pruned): by default the model's 
 :meth:`oba.models.cifar_resnet.CifarResNet.pruning_ignored_layers`); for torchvision's ``VisionTransformer`` the
 patch embedding, the classifier and every layer writing into the residual stream (attention output projection,
 second MLP layer), so that whole heads and MLP hidden units prune
-(:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`); else the last ``nn.Linear`` (the classifier).
+(:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`); likewise for Swin Transformers of timm,
+torchvision and Hugging Face, plus the patch-merging reductions (:func:`swin_pruning_ignored_layers`), and for
+Hugging Face GPT-2 (:func:`gpt2_pruning_ignored_layers`); else the last ``nn.Linear`` (the classifier).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 import torchvision
 from torch import nn
 
-from oba.models.torchvision_models import vit_pruning_ignored_layers
+from oba.hf_layers import dense_layer_types, is_conv1d
+from oba.models.torchvision_models import maxvit_pruning_ignored_layers, vit_pruning_ignored_layers
 from oba.models.vit import Attention
 
 __all__ = [
@@ -46,8 +73,11 @@ __all__ = [
     "attention_heads",
     "default_ignored_layers",
     "default_num_heads",
+    "gpt2_pruning_ignored_layers",
     "grouped_query_attention",
     "layer_widths",
+    "per_head_tensors",
+    "swin_pruning_ignored_layers",
 ]
 
 
@@ -62,6 +92,12 @@ def default_ignored_layers(model: nn.Module) -> list[nn.Module]:
         return list(own())
     if isinstance(model, torchvision.models.VisionTransformer):
         return vit_pruning_ignored_layers(model)
+    if isinstance(model, torchvision.models.MaxVit):
+        return maxvit_pruning_ignored_layers(model)
+    if swin := swin_pruning_ignored_layers(model):
+        return swin
+    if gpt2 := gpt2_pruning_ignored_layers(model):
+        return gpt2
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     classifier = linears[-1:] or [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)][-1:]
     return [*classifier, *(m for m in grouped_query_attention(model) if m not in classifier)]
@@ -79,6 +115,8 @@ class AttentionHeads:
         heads: the number of heads now.
         sync: ``sync(heads)`` sets the module's own head-count attributes after heads went.
         head_dim: the channels of one head in each part.
+        split_by_width: the module's forward splits the fused projection's output into parts of a width that
+            ``sync`` sets (GPT-2's ``split_size``), so its group prunes through that split.
     """
 
     module: nn.Module
@@ -87,6 +125,27 @@ class AttentionHeads:
     heads: int
     sync: Callable[[int], None]
     head_dim: int
+    per_head: list[tuple[nn.Module, str, int]] = field(default_factory=list)
+    split_by_width: bool = False  # its forward splits the fused projection into parts of the width sync sets
+
+    def drop_heads_at(self, positions: list[int]) -> None:
+        """:meth:`drop_per_head` of the heads holding output channels ``positions`` of a head projection (current
+        numbering, before Torch-Pruning removes them): head ``(p mod W/parts) // head_dim`` for width ``W``."""
+        width = self.projections[0].out_features // self.parts
+        self.drop_per_head(sorted({p % width // self.head_dim for p in positions}))
+
+    def drop_per_head(self, heads: list[int]) -> None:
+        """Remove ``heads`` (indices among the current heads) from every per-head tensor ``(owner, name, dim)`` of
+        :attr:`per_head` -- a Swin relative position bias table ``[(2W-1)^2, H]`` along dim 1, a V2 ``logit_scale``
+        ``[H, 1, 1]`` and the rows of the ``cpb_mlp`` layer producing the bias ``[H, 512]`` along dim 0 --, keeping
+        each a parameter (a ``nn.Linear`` also gets its new ``out_features``)."""
+        for owner, name, dim in self.per_head:
+            old = getattr(owner, name)
+            keep = [i for i in range(old.shape[dim]) if i not in set(heads)]
+            kept = old.detach().index_select(dim, torch.tensor(keep, dtype=torch.long, device=old.device))
+            setattr(owner, name, nn.Parameter(kept.clone(), requires_grad=old.requires_grad))
+            if isinstance(owner, nn.Linear):
+                owner.out_features = owner.weight.shape[0]
 
 
 class Logits(nn.Module):
@@ -115,6 +174,16 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
     for m in model.modules():
         if isinstance(m, Attention):
             found.append(AttentionHeads(m, [m.q, m.k, m.v], 1, m.num_heads, lambda h: None, m.head_dim))
+        elif _is_gpt2_attention(m):  # Hugging Face GPT-2: fused Conv1D c_attn [q | k | v]
+            heads = m.c_attn.nf // 3 // m.head_dim
+            sync = _setter(m, num_heads=1, split_size=m.head_dim)
+            found.append(AttentionHeads(m, [m.c_attn], 3, heads, sync, m.head_dim, split_by_width=True))
+        elif isinstance(m, _TORCHVISION_WINDOW_ATTENTION):
+            continue  # its forward takes the head width from the residual width: no head can go
+        elif _is_linear(getattr(m, "qkv", None)) and isinstance(getattr(m, "num_heads", None), int) and _bias_table(m):
+            heads = _window_heads(m)  # Swin (timm): the width of q is H*d
+            dim = m.qkv.out_features // 3 // heads
+            found.append(AttentionHeads(m, [m.qkv], 3, heads, _setter(m, num_heads=1), dim, _per_head(m, heads)))
         elif (
             _is_linear(getattr(m, "qkv", None))
             and isinstance(getattr(m, "num_heads", None), int)
@@ -130,8 +199,57 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
             found.append(AttentionHeads(m, [m.query, m.key, m.value], 1, m.num_attention_heads, sync, size))
         elif (q := _q_k_v_proj(m)) is not None:  # Hugging Face ViT, LLaMA-style (without grouped-query attention)
             heads = q[0].out_features // m.head_dim
-            found.append(AttentionHeads(m, q, 1, heads, _setter(m, num_attention_heads=1), m.head_dim))
+            per_head = _per_head(getattr(m, "relative_position_bias", m), heads)  # Swin: the bias table
+            found.append(AttentionHeads(m, q, 1, heads, _setter(m, num_attention_heads=1), m.head_dim, per_head))
     return found
+
+
+_TORCHVISION_WINDOW_ATTENTION = torchvision.models.swin_transformer.ShiftedWindowAttention
+
+
+def _bias_table(m: nn.Module) -> bool:
+    """Whether ``m`` holds a Swin relative position bias (a table ``[(2W-1)^2, H]``, or V2's ``cpb_mlp``)."""
+    return isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter) or hasattr(m, "cpb_mlp")
+
+
+def _window_heads(m: nn.Module) -> int:
+    """The heads of a Swin window attention: its bias table's columns (right also after a pruned state dict was
+    loaded, before the head count was told), else ``num_heads``."""
+    table = getattr(m, "relative_position_bias_table", None)
+    return int(table.shape[1]) if isinstance(table, nn.Parameter) and table.dim() == 2 else m.num_heads
+
+
+def _per_head(m: nn.Module, heads: int) -> list[tuple[nn.Module, str, int]]:
+    """The tensors of window attention ``m`` indexed by head, as ``(owner, name, dim)``: the relative position bias
+    table ``[(2W-1)^2, H]`` (dim 1), Swin V2's ``logit_scale`` ``[H, 1, 1]`` (dim 0) and the last layer of its
+    ``cpb_mlp`` (the MLP producing the bias table: weight ``[H, hidden]`` and bias ``[H]``, dim 0)."""
+    found = []
+    table = getattr(m, "relative_position_bias_table", None)
+    if isinstance(table, nn.Parameter) and table.dim() == 2 and table.shape[1] == heads:
+        found.append((m, "relative_position_bias_table", 1))
+    scale = getattr(m, "logit_scale", None)
+    if isinstance(scale, nn.Parameter) and scale.dim() >= 1 and scale.shape[0] == heads and scale.numel() == heads:
+        found.append((m, "logit_scale", 0))
+    cpb = getattr(m, "cpb_mlp", None)
+    last = [layer for layer in cpb.modules() if isinstance(layer, nn.Linear)][-1:] if cpb is not None else []
+    if last and last[0].out_features == heads:
+        found += [(last[0], name, 0) for name in ("weight", "bias") if getattr(last[0], name) is not None]
+    return found
+
+
+def per_head_tensors(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """What Torch-Pruning must leave out of its dependency graph because oba prunes it with the heads
+    (:meth:`AttentionHeads.drop_per_head`): the per-head parameters (its ``ignored_params``) and the Swin V2
+    ``cpb_mlp`` layers (its ``ignored_layers`` in tracing: the bias they compute is indexed by head, which the
+    graph, coupling channels, cannot express)."""
+    windows = [(a.module, a.per_head) for a in attention_heads(model)]
+    windows += [(m, _per_head(m, m.num_heads)) for m in model.modules() if isinstance(m, _TORCHVISION_WINDOW_ATTENTION)]
+    params, layers = [], []
+    for module, per_head in windows:
+        params += [getattr(owner, name) for owner, name, _ in per_head]
+        cpb = getattr(module, "cpb_mlp", None)
+        layers += [] if cpb is None else [m for m in cpb.modules() if isinstance(m, nn.Linear)]
+    return params, layers
 
 
 def _q_k_v_proj(m: nn.Module) -> list[nn.Module] | None:
@@ -153,6 +271,60 @@ def grouped_query_attention(model: nn.Module) -> list[nn.Module]:
         if all(_is_linear(layer) for layer in layers) and _q_k_v_proj(m) is None:
             found.extend(layers)
     return found
+
+
+def swin_pruning_ignored_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers writing into the residual stream of a Swin Transformer (timm, torchvision or Hugging Face; ``[]``
+    for a model without window attention): the patch embedding (every convolution), the patch-merging
+    ``reduction`` layers, each window attention's output projection (``proj`` / ``o_proj``), the last linear layer
+    of each block's MLP, and the classifier (the last ``nn.Linear``). Ignoring them keeps the residual width, as
+    for a ViT (:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`): whole heads and MLP hidden units
+    prune. (torchvision's ``ShiftedWindowAttention`` takes its head width from the residual width, so its heads
+    stay: its ``qkv`` is ignored too, and only the MLP hidden units of such a model prune.)"""
+    names = {m: n for n, m in model.named_modules()}
+    windows = [m for m in model.modules() if isinstance(m, _TORCHVISION_WINDOW_ATTENTION)]
+    windows += [a.module for a in attention_heads(model) if a.per_head]
+    if not windows:
+        return []
+    ignored = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    ignored += [m.reduction for m in model.modules() if _is_linear(getattr(m, "reduction", None))]
+    for attn in windows:
+        ignored += [getattr(attn, n) for n in ("proj", "o_proj") if _is_linear(getattr(attn, n, None))]
+        if isinstance(attn, _TORCHVISION_WINDOW_ATTENTION):
+            ignored.append(attn.qkv)
+        block = model.get_submodule(names[attn].rpartition(".")[0])
+        inside = set(attn.modules())
+        ignored += [m for m in block.modules() if isinstance(m, nn.Linear) and m not in inside][-1:]
+    ignored += [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    return list(dict.fromkeys(ignored))
+
+
+def _is_gpt2_attention(m: nn.Module) -> bool:
+    """A Hugging Face GPT-2 self-attention: ``Conv1D`` layers ``c_attn`` (``[q | k | v]``) and ``c_proj``, with
+    ``num_heads``, ``head_dim`` and ``split_size`` (its forward splits ``c_attn``'s output into pieces of
+    ``split_size`` and views them as heads of ``head_dim``); cross-attention (a separate ``q_attn``) is not listed."""
+    return (
+        is_conv1d(getattr(m, "c_attn", None))
+        and is_conv1d(getattr(m, "c_proj", None))
+        and all(isinstance(getattr(m, n, None), int) for n in ("num_heads", "head_dim", "split_size"))
+        and not getattr(m, "is_cross_attention", False)
+    )
+
+
+def gpt2_pruning_ignored_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers writing into the residual stream of a Hugging Face GPT-2 (``[]`` for a model without GPT-2
+    attention): each block's attention output ``attn.c_proj`` and MLP output ``mlp.c_proj`` (``Conv1D``), and the
+    classifier (the last ``nn.Linear``: ``score``, or the tied ``lm_head``). As for a ViT
+    (:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`), the residual width stays and whole heads
+    (``c_attn``) and MLP hidden units (``mlp.c_fc``) prune."""
+    attention = [m for m in model.modules() if _is_gpt2_attention(m)]
+    if not attention:
+        return []
+    ignored = [m.c_proj for m in attention]
+    mlps = [m for m in model.modules() if is_conv1d(getattr(m, "c_fc", None)) and is_conv1d(getattr(m, "c_proj", None))]
+    ignored += [m.c_proj for m in mlps]
+    ignored += [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    return list(dict.fromkeys(ignored))
 
 
 def _is_linear(layer: object) -> bool:
@@ -183,8 +355,9 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     for name, m in model.named_modules():
         if callable(getattr(m, "output_width", None)):
             widths[name] = int(m.output_width())
-        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            widths[name] = int(m.weight.shape[1] if getattr(m, "transposed", False) else m.weight.shape[0])
+        elif isinstance(m, (nn.modules.conv._ConvNd, *dense_layer_types())):  # Conv1D: weight [in, out]
+            transposed = getattr(m, "transposed", False) or is_conv1d(m)
+            widths[name] = int(m.weight.shape[1] if transposed else m.weight.shape[0])
         elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
             widths[name] = int(m.weight.shape[0] if m.weight.dim() else 1)
     return widths

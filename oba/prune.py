@@ -37,10 +37,13 @@ from tqdm.auto import tqdm
 
 from oba.arguments import check_whole_number
 from oba.batches import check_example_inputs, check_inputs_like, modes_restored
+from oba.cached_shapes import cached_shapes, sync_cached_shapes
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
+from oba.depgraph import prunable_groups
 from oba.flops import FlopCount, count_params, macs_by_module
-from oba.prunable import attention_heads, default_ignored_layers, default_num_heads, layer_widths
+from oba.hf_layers import conv1d_type, customized_pruners
+from oba.prunable import attention_heads, default_ignored_layers, default_num_heads, layer_widths, per_head_tensors
 from oba.prune_step import StepContext, prune_step
 from oba.pruned_io import PRUNED_FORMAT, load_pruned, resize_to_state_dict, save_pruned
 from oba.target import PruningTarget, TargetNotReachedError
@@ -94,6 +97,7 @@ class _Measure:
         self.model, self.example_inputs, self.ctx = model, example_inputs, ctx
         self.dense, self.total_channels = dense, total_channels
         self._counted: tuple[tuple, dict[str, int]] | None = None
+        self.shapes = cached_shapes(model)  # view shapes modules cache from their tensors (PoolFormer's Scale)
 
     def _state(self) -> tuple:
         return tuple(tuple(p.shape) for p in self.model.parameters())
@@ -101,6 +105,7 @@ class _Measure:
     def macs(self) -> dict[str, int]:
         """MACs per module of the model as it is now (``""``: the total), counted once per state."""
         if self._counted is None or self._counted[0] != self._state():
+            sync_cached_shapes(self.shapes)  # the model runs next: its cached shapes follow the pruned widths
             self.seed(macs_by_module(self.model, self.example_inputs, in_place=True))
         return self._counted[1]
 
@@ -305,7 +310,9 @@ def prune_structured(
         global_ranking: rank units across all groups (True) or prune each group by the same fraction.
         max_channel_sparsity: no layer loses more than this fraction of its initial channels (or heads).
         ignored_layers: layers whose output channels stay, as modules or names in ``model.named_modules()``
-            (default :func:`oba.prunable.default_ignored_layers`).
+            (default :func:`oba.prunable.default_ignored_layers`). Groups Torch-Pruning cannot prune through (a
+            channel slice or split fixed in the model's code, a reshape of another dimension it mis-traces) are
+            kept whole as well, named in a ``UserWarning`` (:mod:`oba.depgraph`).
         round_to: keep channel counts multiples of this.
         num_heads: ``{q/k/v projection: heads}`` of attention layers whose whole heads are pruned (default:
             those of :class:`oba.models.vit.Attention` modules, found automatically).
@@ -410,22 +417,37 @@ def _context(
 ) -> StepContext:
     """The dependency graph of ``model`` and what stays fixed over the run (``kind`` and ``dense_total`` are set
     by the caller, which knows the target and the total of prunable channels found here)."""
-    root_types = tuple(root_module_types)
+    root_types = _with_conv1d(tuple(root_module_types))
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        params, layers = per_head_tensors(model)  # pruned with the heads by oba, not coupled by Torch-Pruning
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, ignored_layers=layers, ignored_params=params, verbose=False,
+            customized_pruners=customized_pruners(),  # Hugging Face Conv1D (GPT-2): oba.hf_layers
+        )  # fmt: skip
     except Exception as err:  # Torch-Pruning's tracing of the channel dependencies
         raise _untraceable(model, err) from err
-    initial_width = {g[0].dep.target.module: len(g[0].idxs) for g in dg.get_all_groups(ignored, root_types)}
+    names = {m: n for n, m in model.named_modules()}
+    splits = [a.projections[0] for a in attention_heads(model) if a.split_by_width]  # GPT-2's c_attn
+    unprunable, initial_width = prunable_groups(dg, ignored, root_types, names, splits)  # slices, splits, reshapes
+    ignored = [*ignored, *unprunable]
     if sum(initial_width.values()) == 0:
         raise ValueError("no prunable group: every layer is ignored or unsupported")
     heads = dict(default_num_heads(model) if num_heads is None else num_heads)
     layouts = {p: a for a in attention_heads(model) for p in a.projections}
-    names = {m: n for n, m in model.named_modules()}
     return StepContext(
         dg, names, ignored, root_types, initial_width, heads, max_channel_sparsity, global_ranking, "flops", 0.0,
         head_parts={p: a.parts for p, a in layouts.items() if p in heads},
         head_sync={p: a.sync for p, a in layouts.items() if p in heads},
+        head_drop={p: a.drop_heads_at for p, a in layouts.items() if p in heads and a.per_head},
     )  # fmt: skip
+
+
+def _with_conv1d(root_types: tuple[type, ...]) -> tuple[type, ...]:
+    """``root_types`` plus Hugging Face's ``Conv1D`` (a transposed linear layer) when ``nn.Linear`` roots groups."""
+    kind = conv1d_type()
+    if kind is None or nn.Linear not in root_types or kind in root_types:
+        return root_types
+    return (*root_types, kind)
 
 
 class UnsupportedModelError(ValueError):

@@ -26,6 +26,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from oba.hf_layers import dense_layer_types, is_conv1d
+
 __all__ = ["MacModel", "StepContext", "channel_groups", "prune_step", "rank_units", "remove_until"]
 
 
@@ -45,6 +47,8 @@ class StepContext:
     dense_total: float  # the dense model's MACs, parameters or channels
     head_parts: dict[nn.Module, int] = field(default_factory=dict)  # fused [q | k | v] projection -> 3
     head_sync: dict[nn.Module, Callable[[int], None]] = field(default_factory=dict)  # projection -> set head count
+    # projection -> drop the per-head tensors (Swin's bias table) of the heads at these root positions
+    head_drop: dict[nn.Module, Callable[[list[int]], None]] = field(default_factory=dict)
 
 
 def prune_step(
@@ -60,7 +64,9 @@ def prune_step(
     "flops"``), for the predicted cost of each unit."""
     groups, units = rank_units(ctx, importance)
     predicted = MacModel(ctx, macs) if ctx.kind == "flops" else None
-    return remove_until(ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted, ctx.head_sync)
+    return remove_until(
+        ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted, ctx.head_sync, ctx.head_drop
+    )
 
 
 @dataclass
@@ -97,11 +103,13 @@ def _unit_cost(dg: tp.DependencyGraph, group: Any, kind: str) -> float:
         if isinstance(layer, nn.Parameter):
             total += layer.numel() / layer.shape[dep.target.pruning_dim]
             continue
-        dense_layer = isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear))
+        dense_layer = isinstance(layer, (nn.modules.conv._ConvNd, *dense_layer_types()))
         for pname, p in layer.named_parameters(recurse=False):
             if dense_layer and not out and pname == "bias":
                 continue
             dim = 0 if out or p.dim() == 1 else 1
+            if is_conv1d(layer) and p.dim() == 2:  # a Conv1D's weight is [in, out]
+                dim = 1 - dim
             total += p.numel() / p.shape[dim]
     return total
 
@@ -116,7 +124,8 @@ def _attention_own_macs(q: nn.Module, macs: Mapping[str, int], names: Mapping[nn
 def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> tuple[list[_Group], list[_Unit]]:
     """Every prunable group of the current model with its units (channels or whole heads), and all units in
     removal order: by normalised score (global ranking) or by rank within their group (``global_ranking=False``),
-    each with its predicted cost (fraction of the dense total) and the floor its group may not go below."""
+    each with its predicted cost (fraction of the dense total) and the floor its group may not go below. Root channels
+    Torch-Pruning removes together (GhostNet's, :func:`_tied_units`) form one unit, scored by their mean."""
     groups: list[_Group] = []
     units: list[_Unit] = []
     for group in ctx.dg.get_all_groups(ignored_layers=ctx.ignored, root_module_types=ctx.root_types):
@@ -150,12 +159,72 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
         cost = size * _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total
         gi = len(groups)
         groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
-        order = torch.argsort(scores)
-        for rank, u in enumerate(order.tolist()):
-            key = float(scores[u]) if ctx.global_ranking else (rank + 1) / len(order)
-            units.append(_Unit(key, gi, _unit_channels(u, d, n // parts, parts), cost))
+        tied = _tied_units(ctx.dg, root, handler, [_unit_channels(u, d, n // parts, parts) for u in range(n // size)])
+        merged = scores if len(tied) == len(scores) else torch.stack([scores[members].mean() for members in tied])
+        order = torch.argsort(merged)
+        for rank, t in enumerate(order.tolist()):
+            key = float(merged[t]) if ctx.global_ranking else (rank + 1) / len(order)
+            channels = tuple(c for u in tied[t] for c in _unit_channels(u, d, n // parts, parts))
+            units.append(_Unit(key, gi, channels, cost * len(tied[t])))
     units.sort()
     return groups, units
+
+
+def _tied_units(
+    dg: tp.DependencyGraph, root: nn.Module, handler: Callable, units: list[tuple[int, ...]]
+) -> list[list[int]]:
+    """The units (tuples of root channels) that Torch-Pruning removes together, as lists of unit indices.
+
+    A group may tie root channels to each other: GhostNet's ``cat([x1, dwconv(x1)])`` feeding a residual ties
+    channel ``k`` of the sum to channel ``k + C`` (both are ``x1``'s channel ``k``: a depthwise conv keeps its inputs
+    and outputs together), and pruning either makes Torch-Pruning prune both. Such units must go as one, or the
+    group's bookkeeping and its floor count half the channels that really go.
+
+    Probes (``dg.get_pruning_group`` on a set of units, which units it reaches): the first and last unit tell
+    whether the group ties anything. If so, ``2 ceil(log2 U)`` probes -- the units with bit ``b`` of their index
+    set, and those without -- give each unit's partner when units tie in pairs (a unit reached from the side it is
+    not on differs from its partner in bit ``b``); the pairs must explain every probe, else (ties of three or more)
+    every unit is probed on its own."""
+    where = {c: u for u, channels in enumerate(units) for c in channels}
+    n = len(units)
+
+    def reached(us: set[int]) -> set[int]:
+        channels = sorted(c for u in us for c in units[u])
+        return {where[c] for c in dg.get_pruning_group(root, handler, channels)[0].idxs if c in where}
+
+    if reached({0, n - 1}) <= {0, n - 1}:
+        return [[u] for u in range(n)]
+    partner, probes = list(range(n)), []
+    for b in range((n - 1).bit_length()):
+        ones = {u for u in range(n) if u >> b & 1}
+        for side in (ones, set(range(n)) - ones):
+            probes.append((side, reached(side)))
+            for u in probes[-1][1] - side:
+                partner[u] ^= 1 << b
+    if all(v < n for v in partner):
+        tied = _classes(n, enumerate(partner))
+        class_of = {u: i for i, members in enumerate(tied) for u in members}
+        if all({u for s in side for u in tied[class_of[s]]} == got for side, got in probes):
+            return tied
+    return _classes(n, ((u, v) for u in range(n) for v in reached({u})))
+
+
+def _classes(n: int, pairs: Any) -> list[list[int]]:
+    """The connected classes of ``range(n)`` under the ``(u, v)`` pairs (union-find), each sorted."""
+    parent = list(range(n))
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for u, v in pairs:
+        parent[find(v)] = find(u)
+    classes: dict[int, list[int]] = {}
+    for u in range(n):
+        classes.setdefault(find(u), []).append(u)
+    return list(classes.values())
 
 
 def _unit_channels(u: int, d: int, width: int, parts: int) -> tuple[int, ...]:
@@ -168,8 +237,10 @@ def _dims(dg: tp.DependencyGraph, group: Any, n: int) -> list[tuple[nn.Module, b
     found: dict[tuple[nn.Module, bool], float] = {}
     for dep, idxs in group:
         layer = dep.target.module
-        if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
-            found[layer, dg.is_out_channel_pruning_fn(dep.handler)] = len(idxs) / n
+        if isinstance(layer, (nn.modules.conv._ConvNd, *dense_layer_types())):
+            out = dg.is_out_channel_pruning_fn(dep.handler)
+            width = (dg.get_out_channels if out else dg.get_in_channels)(layer) or 0
+            found[layer, out] = len({i for i in idxs if i < width}) / n  # beyond the width: a no-op (GPT-2's c_attn)
     return [(layer, out, ratio) for (layer, out), ratio in found.items()]
 
 
@@ -188,7 +259,8 @@ class MacModel:
         self.coef: dict[nn.Module, float] = {}
         modelled = 0.0
         for name, layer in ctx.dg.model.named_modules():
-            if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and macs.get(name):
+            traced = layer in ctx.dg.module2node  # else left out of the graph (Swin V2's cpb_mlp): its MACs stay
+            if isinstance(layer, (nn.modules.conv._ConvNd, *dense_layer_types())) and macs.get(name) and traced:
                 cin, cout = ctx.dg.get_in_channels(layer), ctx.dg.get_out_channels(layer)
                 self.width[layer, False], self.width[layer, True] = cin, cout
                 self.coef[layer] = macs[name] / (self._fan_in(layer, cin) * cout)
@@ -246,9 +318,11 @@ def _apply(
     heads: dict[nn.Module, int],
     round_to: int | None,
     sync: Mapping[nn.Module, Callable[[int], None]],
+    drop: Mapping[nn.Module, Callable[[list[int]], None]] | None = None,
 ) -> int:
     """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each; head counts updated, and
-    told to their modules through ``sync``); the channels removed."""
+    told to their modules through ``sync``; the per-head tensors Torch-Pruning does not hold, as a Swin bias table,
+    lose the same heads through ``drop``, once per attention module); the channels removed."""
     removed = 0
     pending_of: dict[int, list[int]] = {}
     for u in rest:
@@ -261,7 +335,11 @@ def _apply(
             continue
         gone = set(channels)
         position = {c: i for i, c in enumerate(g.alive)}
-        dg.get_pruning_group(g.root, g.handler, sorted(position[c] for c in channels)).prune()
+        at = sorted(position[c] for c in channels)
+        if g.root in g.heads_of:  # positions in a projection's layout: which heads go
+            for fn in {(drop or {})[layer]: None for layer in g.heads_of if layer in (drop or {})}:
+                fn(at)
+        dg.get_pruning_group(g.root, g.handler, at).prune()
         g.alive = [c for c in g.alive if c not in gone]
         for layer in g.heads_of:
             heads[layer] -= len(channels) // g.unit_size
@@ -310,6 +388,7 @@ def remove_until(
     kept: Callable[[], float],
     model: MacModel | None = None,
     sync: Mapping[nn.Module, Callable[[int], None]] | None = None,
+    drop: Mapping[nn.Module, Callable[[list[int]], None]] | None = None,
 ) -> int:
     """Remove the lowest-ranked units until ``kept() <= step_target``; returns the channels removed.
 
@@ -329,7 +408,7 @@ def remove_until(
             chosen, rest = _choose_budget(groups, queue, 0.7 * (value - step_target))
         if not any(chosen.values()):
             break
-        removed += _apply(dg, groups, chosen, rest, heads, round_to, sync)
+        removed += _apply(dg, groups, chosen, rest, heads, round_to, sync, drop)
         queue = _still_alive(groups, rest)
         value = kept()
     return removed

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from oba.cached_shapes import cached_shapes, sync_cached_shapes
 from oba.criteria import REGISTRY, Preparation
+from oba.hf_layers import is_conv1d
 from oba.io import load_torch, save_torch
 from oba.models import available, create, known
 from oba.prunable import attention_heads, layer_widths
@@ -56,7 +58,8 @@ def save_pruned(
     if not known(arch):
         raise ValueError(
             f"arch={arch!r} is not a model name of oba.models (have {', '.join(available())}, or "
-            "'torchvision:<name>' / 'timm:<name>'): load_pruned could not rebuild the model. Pass the name the model "
+            "'torchvision:<name>' / 'timm:<name>' / 'transformers:<ModelClass>'): load_pruned could not rebuild the "
+            "model. Pass the name the model "
             "was created from (and its arguments as arch_kwargs)"
         )
     payload = {
@@ -94,7 +97,8 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         _preparation(name, path).restore(model, layers)
     resize_to_state_dict(model, payload["state_dict"])
     for attention in attention_heads(model):  # head counts follow the widths
-        attention.sync(attention.projections[0].out_features // attention.parts // attention.head_dim)
+        width = layer_widths(attention.projections[0])[""]  # out_features, or a Conv1D's nf
+        attention.sync(width // attention.parts // attention.head_dim)
     model.load_state_dict(payload["state_dict"])
     return model
 
@@ -103,8 +107,10 @@ def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     """Give every parameter and buffer of ``model`` the shape it has in ``state_dict`` and update the layers'
     size attributes (``in_channels``/``out_channels``, ``in_features``/``out_features``, ``num_features``,
     ``normalized_shape``, ``num_channels``); modules that merely hold tensors (a ViT's class token) just get the
-    new tensors. Values are left uninitialised: load the state dict next.
+    new tensors, and view shapes they cache from them follow (:mod:`oba.cached_shapes`, PoolFormer's ``Scale``).
+    Values are left uninitialised: load the state dict next.
     """
+    shapes = cached_shapes(model)
     for prefix, module in model.named_modules():
         changed = False
         for store in (module._parameters, module._buffers):
@@ -117,6 +123,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
                 changed = True
         if changed:
             _update_size_attributes(module)
+    sync_cached_shapes(shapes)
     return model
 
 
@@ -131,6 +138,8 @@ def _update_size_attributes(m: nn.Module) -> None:
         m.in_channels = in_per_group * m.groups if not m.transposed else a
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
+    elif is_conv1d(m):  # Hugging Face Conv1D: weight [in, out]
+        m.nx, m.nf = m.weight.shape
     elif isinstance(m, nn.modules.batchnorm._NormBase):
         m.num_features = (m.weight if m.weight is not None else m.running_mean).shape[0]
     elif isinstance(m, nn.LayerNorm):

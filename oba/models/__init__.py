@@ -194,15 +194,18 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; available: {available()}") from None
 
 
-EXTERNAL_SOURCES = ("torchvision", "timm")
+EXTERNAL_SOURCES = ("torchvision", "timm", "transformers")
 """Prefixes :func:`create` takes besides the registry names: ``"torchvision:resnext50_32x4d"``, ``"timm:deit_tiny_
-patch16_224"`` (random initialisation; the same builders users call)."""
+patch16_224"``, ``"transformers:GPT2ForSequenceClassification"`` (random initialisation; the same builders users
+call)."""
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
     """A randomly initialised model: ``get_spec(name).builder(**kwargs)`` (e.g. ``num_classes``) for a registry name;
     ``torchvision.models.get_model(model, weights=None, **kwargs)`` for ``"torchvision:<model>"``;
-    ``timm.create_model(model, pretrained=False, **kwargs)`` for ``"timm:<model>"``."""
+    ``timm.create_model(model, pretrained=False, **kwargs)`` for ``"timm:<model>"``;
+    ``transformers.<ModelClass>(ModelClass.config_class(**config))`` for ``"transformers:<ModelClass>"`` with
+    ``config`` a plain dict of configuration fields (e.g. ``{"n_embd": 32, "n_layer": 2, "n_head": 4}``)."""
     source, sep, model = name.partition(":")
     if not sep:
         return get_spec(name).builder(**kwargs)
@@ -214,6 +217,8 @@ def create(name: str, **kwargs: Any) -> nn.Module:
         import timm
 
         return timm.create_model(model, pretrained=False, **kwargs)
+    if source == "transformers":
+        return _create_transformers(model, **kwargs)
     raise KeyError(f"unknown model source {source!r} in {name!r}; sources: {', '.join(EXTERNAL_SOURCES)}")
 
 
@@ -232,7 +237,29 @@ def known(name: str) -> bool:
         except ImportError:
             return False
         return timm.is_model(model)
+    if source == "transformers":
+        return _transformers_class(model) is not None
     return False
+
+
+def _transformers_class(name: str) -> type | None:
+    """The Hugging Face model class ``transformers.<name>`` (one with a ``config_class``), or ``None``."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "config_class") else None
+
+
+def _create_transformers(name: str, config: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """``transformers.<name>(<name>.config_class(**config))``: a randomly initialised Hugging Face model."""
+    cls = _transformers_class(name)
+    if cls is None:
+        raise KeyError(f"'transformers:{name}': no model class transformers.{name} (or transformers is not installed)")
+    if kwargs:
+        raise TypeError(f"'transformers:{name}' takes config={{...}} only (configuration fields), got {sorted(kwargs)}")
+    return cls(cls.config_class(**dict(config or {})))
 
 
 def checkpoint_sha256_prefix(file_name: str) -> str | None:

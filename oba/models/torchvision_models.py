@@ -206,6 +206,29 @@ def vit_pruning_ignored_layers(model: torchvision.models.VisionTransformer) -> l
     return ignored
 
 
+def maxvit_pruning_ignored_layers(model: torchvision.models.MaxVit) -> list[nn.Module]:
+    """Layers of a torchvision MaxViT whose output channels :func:`oba.prune.prune_structured` keeps by default: the
+    layers writing into the residual stream -- the stem, each MBConv's last convolution (``conv_c``) and shortcut
+    projection, each attention's output (``merge``) and each MLP's second linear -- and the classifier's last linear.
+    Its ``RelativePositionalMultiHeadAttention`` reshapes its output to the residual width (``reshape(B, G, P, D)``),
+    so no head can go: its ``to_qkv`` is kept too. What prunes: the MBConv inner widths (expansion, depthwise,
+    squeeze-excitation) and the MLP hidden units. (The residual stream itself runs through window partitions, 4-D
+    reshapes along which Torch-Pruning's group search grows without bound.)"""
+    from torchvision.models.maxvit import MBConv, PartitionAttentionLayer, RelativePositionalMultiHeadAttention
+
+    dense = (nn.modules.conv._ConvNd, nn.Linear)
+    ignored = [m for m in model.stem.modules() if isinstance(m, dense)]
+    for m in model.modules():
+        if isinstance(m, MBConv):
+            ignored += [m.layers.conv_c, *(c for c in m.proj.modules() if isinstance(c, dense))]
+        elif isinstance(m, RelativePositionalMultiHeadAttention):
+            ignored += [m.to_qkv, m.merge]
+        elif isinstance(m, PartitionAttentionLayer):
+            ignored += [c for c in m.mlp_layer.modules() if isinstance(c, nn.Linear)][-1:]
+    ignored += [m for m in model.classifier.modules() if isinstance(m, nn.Linear)][-1:]
+    return ignored
+
+
 def vit_widths(model: torchvision.models.VisionTransformer) -> list[dict[str, int]]:
     """Per encoder block: ``heads`` (split attention; ``nn.MultiheadAttention``'s own count otherwise), ``head_dim``
     and ``mlp_hidden`` (output width of the MLP's first linear) -- the truth after pruning, unlike the dense

@@ -1,0 +1,154 @@
+"""Channels Torch-Pruning's dependency graph cannot prune as traced, found before anything changes.
+
+Torch-Pruning (1.6) follows a channel through every operation of the traced graph. Three kinds of operations break
+the groups it builds, and :func:`prunable_groups` finds the layers they couple, so that the pruner keeps them whole
+(they are added to the ignored layers, with a ``UserWarning`` naming them) and prunes the rest of the model:
+
+* a *channel slice* ``x[:, a:b]`` (ReXNet's ``cat([x[:, :C] + shortcut, x[:, C:]])``): its bounds are constants of
+  the model's code, which pruning cannot change, and Torch-Pruning's traversal of a chain of them grows
+  exponentially (``MetaPruner`` does not finish either). Every layer whose output reaches such a slice through
+  channel-preserving operations (normalisation, activations, additions, concatenations, depthwise convs) is kept;
+  the search walks the graph itself, without asking Torch-Pruning for the group. A slice over the whole range (a
+  no-op, GhostNet's ``out[:, :oup]`` at full width) is harmless and ignored.
+* a *channel split* ``x.split(s, dim=1)`` (CSPNet's ``xs, xb = x.split(C // 2, dim=1)``): the split sizes are
+  constants of the model's code too (and Torch-Pruning 1.6 infers them from the number of consumers, not of pieces).
+* a *reshape, transpose or split of another dimension* it does not model (MLP-Mixer's token-mixing MLP on
+  ``x.transpose(1, 2)``; LeViT's and EfficientFormer's ``qkv.view(B, N, heads, -1).split([d, d, dv], dim=3)``): the
+  group then maps the root's channels onto indices beyond a member layer's width.
+
+A group is kept whole by ignoring every layer it prunes on the output side: Torch-Pruning skips a group with an
+ignored output-side member, whichever root it starts from.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Collection, Sequence
+
+import torch_pruning as tp
+from torch import nn
+
+__all__ = ["prunable_groups"]
+
+_OPTYPE = tp.ops.OPTYPE
+# layers whose input and output channels are independent (CUSTOMIZED: Hugging Face Conv1D, oba.hf_layers)
+_LAYERS = (_OPTYPE.CONV, _OPTYPE.LINEAR, _OPTYPE.CUSTOMIZED)
+
+
+def prunable_groups(
+    dg: tp.DependencyGraph,
+    ignored: Sequence[nn.Module],
+    root_types: tuple[type, ...],
+    names: dict[nn.Module, str],
+    split_roots: Collection[nn.Module] = (),
+) -> tuple[list[nn.Module], dict[nn.Module, int]]:
+    """``(layers, widths)``: the layers of the model (``names``) to ignore beyond ``ignored`` so that no group
+    Torch-Pruning cannot prune is pruned (module docstring), and the root and width of every group that prunes
+    (what ``dg.get_all_groups`` yields with both ignored), in one pass. Warns once, naming the groups kept whole.
+    ``split_roots``: fused head projections whose channel split follows the pruned width (GPT-2's ``c_attn``, split
+    by ``split_size``, which oba updates with the heads): their groups prune through the split. (Torch-Pruning 1.6
+    maps the root's k and v channels ``E + c``, ``2E + c`` onto the output projection's inputs without taking the
+    offset off; a whole head also holds its q channels ``c``, which map right, and the pruners skip indices beyond a
+    layer's width, so such a group loses exactly the head's inputs of the output projection.)"""
+    extra: list[nn.Module] = []
+    reasons: list[str] = []
+    for slice_node, layers in _sliced_layers(dg).items():
+        new = [m for m in layers if m in names and m not in ignored and m not in extra]
+        if new:
+            extra.extend(new)
+            listed = ", ".join(repr(names[m]) for m in new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
+            reasons.append(f"{listed} reach a channel slice ({slice_node.grad_fn.name()}) whose bounds are fixed")
+    widths: dict[nn.Module, int] = {}
+    for group in dg.get_all_groups(ignored_layers=[*ignored, *extra], root_module_types=root_types):
+        reason = _unmappable(dg, group, names, group[0].dep.target.module in split_roots)
+        if reason:  # its output-side layers are visited: no later group holds them
+            extra.extend(m for m in _output_side(dg, group) if m in names and m not in extra)
+            reasons.append(reason)
+        else:
+            widths[group[0].dep.target.module] = len(group[0].idxs)
+    if reasons:
+        more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        warnings.warn(
+            f"{len(reasons)} groups of channels are not pruned (their layers are ignored), as Torch-Pruning cannot "
+            f"prune through them: {'; '.join(reasons[:3])}{more}",
+            stacklevel=3,
+        )
+    return extra, widths
+
+
+def _output_side(dg: tp.DependencyGraph, group) -> list[nn.Module]:
+    found: list[nn.Module] = []
+    for dep, _ in group:
+        m = dep.target.module
+        if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(m, nn.Module) and m not in found:
+            found.append(m)
+    return found
+
+
+def _unmappable(dg: tp.DependencyGraph, group, names: dict[nn.Module, str], split_ok: bool = False) -> str | None:
+    """Why ``group`` cannot be pruned as traced (a member's indices beyond its width, or a channel split), or None."""
+    root = names.get(group[0].dep.target.module, "?")
+    for dep, idxs in group:
+        m = dep.target.module
+        if dep.target.type == _OPTYPE.SPLIT and not split_ok and _channel_dim(dep.target.grad_fn):
+            return f"the group rooted at {root!r} goes through a channel split (x.split(..., dim=1)) of fixed sizes"
+        if not isinstance(m, nn.Module) or not idxs or next(m.parameters(recurse=False), None) is None:
+            continue
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        width = dg.get_out_channels(m) if out else dg.get_in_channels(m)
+        if width is not None and max(idxs) >= width and not split_ok:
+            side = "output" if out else "input"
+            return (
+                f"the group rooted at {root!r} maps its {len(group[0].idxs)} channels onto {side} index {max(idxs)} "
+                f"of {names.get(m, type(m).__name__)!r}, which has {width} (a reshape, transpose or split of another "
+                "dimension)"
+            )
+    return None
+
+
+def _channel_dim(grad_fn) -> bool:
+    """Whether the slice/split of ``grad_fn`` is along the channel dimension (1 of 2-D and 4-D tensors, the last
+    of 3-D token tensors ``[B, N, C]``, as Torch-Pruning maps them)."""
+    dim, sizes = getattr(grad_fn, "_saved_dim", None), getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if dim is None or sizes is None or dim >= 2**31:
+        return False
+    ndim = len(sizes)
+    return dim % ndim == (2 if ndim == 3 else 1)
+
+
+def _is_channel_slice(node) -> bool:
+    """A slice along channels that drops some (``x[:, a:b]`` not covering the whole range)."""
+    fn = node.grad_fn
+    if node.type != _OPTYPE.SLICE or not _channel_dim(fn):
+        return False
+    size = int(fn._saved_self_sym_sizes[fn._saved_dim])
+    start, end, step = int(fn._saved_start or 0), fn._saved_end, int(fn._saved_step or 1)
+    end = size if end is None else min(int(end), size)
+    return not (start in (0, -size) and end >= size and step == 1)
+
+
+def _sliced_layers(dg: tp.DependencyGraph) -> dict:
+    """``{channel slice node: layers whose output channels reach it}``: a walk from the slice through the nodes that
+    keep channels (everything but non-depthwise conv and linear layers, which end the walk: a layer reached from
+    its output side is collected, one reached from its input side is not)."""
+    found = {}
+    for start in dg.module2node.values():
+        if not _is_channel_slice(start):
+            continue
+        layers: list[nn.Module] = []
+        seen, stack = {start}, [start]
+        while stack:
+            node = stack.pop()
+            for nxt, upstream in [(n, True) for n in node.inputs] + [(n, False) for n in node.outputs]:
+                if nxt in seen:
+                    continue
+                seen.add(nxt)
+                if nxt.type in _LAYERS:
+                    if upstream:
+                        layers.append(nxt.module)
+                    continue
+                if nxt.type == _OPTYPE.DEPTHWISE_CONV:
+                    layers.append(nxt.module)
+                stack.append(nxt)
+        found[start] = layers
+    return found
