@@ -106,8 +106,9 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
 def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Give every parameter and buffer of ``model`` the shape it has in ``state_dict`` and update the layers'
     size attributes (``in_channels``/``out_channels``, ``in_features``/``out_features``, ``num_features``,
-    ``normalized_shape``, ``num_channels``); modules that merely hold tensors (a ViT's class token) just get the
-    new tensors, and view shapes they cache from them follow (:mod:`oba.cached_shapes`, PoolFormer's ``Scale``).
+    ``normalized_shape``, ``num_channels``, ``embedding_dim``); modules that merely hold tensors (a ViT's class
+    token) just get the new tensors, and view shapes they cache from them follow (:mod:`oba.cached_shapes`,
+    PoolFormer's ``Scale``).
     Values are left uninitialised: load the state dict next.
     """
     shapes = cached_shapes(model)
@@ -146,7 +147,9 @@ def _update_size_attributes(m: nn.Module) -> None:
         m.normalized_shape = tuple(m.weight.shape)
     elif isinstance(m, nn.GroupNorm):
         m.num_channels = m.weight.shape[0]
-    elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.Embedding, nn.modules.conv._ConvTransposeNd)):
+    elif isinstance(m, nn.Embedding):  # a transformer's token / position embedding, pruned with the hidden width
+        m.num_embeddings, m.embedding_dim = m.weight.shape
+    elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.modules.conv._ConvTransposeNd)):
         raise TypeError(
             f"cannot resize a {type(m).__name__} to a pruned state_dict: only conv, linear and normalisation layers "
             "(and modules that merely hold tensors, e.g. a ViT's class token and position embedding) are supported"
