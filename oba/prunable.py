@@ -17,7 +17,14 @@ timm Swin ``WindowAttention`` (bias table)          ``qkv`` (fused)             
 Hugging Face ``SwinAttention`` (``head_dim``)       ``q_proj``, ``k_proj``, ``v_proj``     ``num_attention_heads``
 Hugging Face GPT-2 ``GPT2Attention``                ``c_attn`` (fused, ``Conv1D``)         ``num_heads``,
                                                                                            ``split_size``
+LLaMA-style grouped-query attention                 ``k_proj``, ``v_proj`` (a key/value    none (derived)
+(:class:`GroupedQueryAttention`, hand-coupled)      head with its query group of
+                                                    ``q_proj`` and ``o_proj``)
 ==================================================  =====================================  ===================
+
+Torch-Pruning couples q, k, v and the output projection of each module above (but grouped-query attention, see
+below) in one group; the pruner removes whole heads from it (the same heads from q, k and v) and sets the attributes
+after each removal.
 
 GPT-2's layers are Hugging Face ``Conv1D`` (a linear layer with its weight ``[in, out]``), pruned by
 :class:`oba.hf_layers.Conv1DPruner`, a Torch-Pruning custom pruner. Its attention splits the output of ``c_attn``
@@ -35,14 +42,16 @@ removes the same heads from them when it removes heads from q, k and v (:meth:`A
 hand-written). torchvision's ``ShiftedWindowAttention`` computes its head width from the residual width
 (``C // num_heads``), so none of its heads can go: it is not listed, and its ``qkv`` is ignored (its MLPs prune).
 
-Grouped-query attention (fewer key/value heads than query heads) is not pruned yet: its projections are among the
-default ignored layers (:func:`grouped_query_attention`), so the rest of such a model (MLP units) prunes. (Torch-Pruning
-1.6 loses the coupling at ``repeat_kv``: for a tiny LLaMA with 4 query and 2 key/value heads, ``v_proj``'s group holds
-``v_proj`` alone, without ``o_proj``, so removing a key/value head with its query group needs coupling written by
-hand.)
-
-Torch-Pruning couples q, k, v and the output projection of such a module in one group; the pruner removes whole
-heads from it (the same heads from q, k and v) and sets the attributes after each removal.
+Grouped-query attention (fewer key/value heads than query heads: LLaMA-style ``q_proj``, ``k_proj``, ``v_proj``,
+``o_proj`` with ``num_key_value_groups``, :func:`grouped_query_attention`) prunes whole key/value heads, each with its
+query group (:class:`GroupedQueryAttention`). Torch-Pruning 1.6 loses that coupling at ``repeat_kv`` (for a tiny
+LLaMA with 4 query and 2 key/value heads, ``v_proj``'s group holds ``v_proj`` alone, without ``o_proj``, and
+``q_proj``'s group never finishes building), so it is written by hand: the four projections stay out of
+Torch-Pruning's groups (the pruner adds them to its ignored layers; the residual stream, which ``o_proj`` writes,
+keeps its width) and :func:`oba.prune_step.rank_units` ranks the module's key/value heads as a group of its own,
+scored by :meth:`oba.group_importance.ParameterScoreImportance.coupled_linear`. With an importance that is not a
+:class:`~oba.group_importance.ParameterScoreImportance` (a Torch-Pruning ``Importance`` of your own), these modules
+stay whole. No attribute changes: the module's forward reshapes with ``-1``.
 
 Ignored layers (their output channels are never pruned): by default the model's own
 ``pruning_ignored_layers()`` when it defines one (the CIFAR ResNets: residual streams and classifier, see
@@ -51,15 +60,18 @@ patch embedding, the classifier and every layer writing into the residual stream
 second MLP layer), so that whole heads and MLP hidden units prune
 (:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`); likewise for Swin Transformers of timm,
 torchvision and Hugging Face, plus the patch-merging reductions (:func:`swin_pruning_ignored_layers`), and for
-Hugging Face GPT-2 (:func:`gpt2_pruning_ignored_layers`); else the last ``nn.Linear`` (the classifier).
+Hugging Face GPT-2 (:func:`gpt2_pruning_ignored_layers`); else the last ``nn.Linear`` (the classifier), and
+grouped-query attention's ``o_proj`` (:func:`default_ignored_layers`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch_pruning as tp
 import torchvision
 from torch import nn
 
@@ -69,6 +81,7 @@ from oba.models.vit import Attention
 
 __all__ = [
     "AttentionHeads",
+    "GroupedQueryAttention",
     "Logits",
     "attention_heads",
     "default_ignored_layers",
@@ -85,8 +98,11 @@ def default_ignored_layers(model: nn.Module) -> list[nn.Module]:
     """``model.pruning_ignored_layers()`` if the model defines it; for a torchvision ``VisionTransformer``
     :func:`oba.models.torchvision_models.vit_pruning_ignored_layers` (patch embedding, classifier and the layers
     writing into the residual stream: only heads and MLP hidden units prune); else the last ``nn.Linear`` (the
-    classifier; the last convolution for a model without one, as SqueezeNet), plus the projections of grouped-query
-    attention modules (:func:`grouped_query_attention`)."""
+    classifier; the last convolution for a model without one, as SqueezeNet), plus the output projection ``o_proj``
+    of every grouped-query attention module (:func:`grouped_query_attention`: its outputs are the residual stream,
+    which stays; its key/value heads prune with their query groups) and the projections of any other module with
+    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` of unequal widths that neither finder recognises (kept whole).
+    A grouped-query attention module whose ``q_proj``, ``k_proj`` or ``v_proj`` is ignored stays whole."""
     own = getattr(model, "pruning_ignored_layers", None)
     if callable(own):
         return list(own())
@@ -100,7 +116,8 @@ def default_ignored_layers(model: nn.Module) -> list[nn.Module]:
         return gpt2
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     classifier = linears[-1:] or [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)][-1:]
-    return [*classifier, *(m for m in grouped_query_attention(model) if m not in classifier)]
+    others = [a.o for a in grouped_query_attention(model)] + _unrecognised_attention(model)
+    return [*classifier, *(m for m in dict.fromkeys(others) if m not in classifier)]
 
 
 @dataclass
@@ -152,16 +169,22 @@ class Logits(nn.Module):
     """``model``'s logits as one tensor, for models that return a structure (Hugging Face ``ModelOutput`` with a
     ``logits`` field, tuples): what pruning (Torch-Pruning traces the output tensor) and the losses need. It wraps
     ``model`` without copying it, so pruning ``Logits(model)`` prunes ``model``. A single dict argument is passed
-    as keyword arguments (``Logits(bert)({"input_ids": ids})``), so batches may hold dicts of model inputs.
+    as keyword arguments (``Logits(bert)({"input_ids": ids})``), so batches may hold dicts of model inputs. A model
+    whose forward takes ``use_cache`` (Hugging Face decoders such as GPT-2) is called with ``use_cache=False`` unless
+    the inputs say otherwise: only the logits are returned, and the key/value cache it would build is a
+    concatenation Torch-Pruning cannot trace.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self._use_cache = "use_cache" in inspect.signature(model.forward).parameters
 
     def forward(self, *args, **kwargs):
         if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
-            args, kwargs = (), args[0]
+            args, kwargs = (), dict(args[0])
+        if self._use_cache:
+            kwargs.setdefault("use_cache", False)
         out = self.model(*args, **kwargs)
         if hasattr(out, "logits"):
             return out.logits
@@ -261,14 +284,93 @@ def _q_k_v_proj(m: nn.Module) -> list[nn.Module] | None:
     return layers if layers[0].out_features == layers[1].out_features == layers[2].out_features else None
 
 
-def grouped_query_attention(model: nn.Module) -> list[nn.Module]:
-    """The projections (q, k, v and output) of grouped-query attention modules (fewer key/value heads than query
-    heads, as LLaMA-style models with ``num_key_value_heads``): a key/value head must leave with its whole query
-    group, which the pruner does not do yet, so :func:`default_ignored_layers` keeps these layers."""
+@dataclass
+class GroupedQueryAttention:
+    """One grouped-query attention module (fewer key/value heads than query heads: LLaMA-style ``q_proj``,
+    ``k_proj``, ``v_proj``, ``o_proj`` with ``head_dim`` and ``num_key_value_groups``) whose key/value heads prune,
+    each with its query group.
+
+    Unit ``j`` (key/value head ``j``, ``d = head_dim``, ``g = group_size``): rows ``[j d, (j+1) d)`` of ``k`` and
+    ``v``, rows ``[j g d, (j+1) g d)`` of ``q`` (query heads ``j g .. (j+1) g - 1``, which attend with key/value head
+    ``j`` after ``repeat_kv``), the same columns of ``o`` (its inputs), biases with their rows. Channel ``c = j d + t``
+    of ``k`` is coupled with channels ``j g d + i d + t`` (``i < g``) of ``q`` and ``o``'s inputs. The coupling is
+    written by hand: Torch-Pruning 1.6 loses it at ``repeat_kv`` (for a tiny LLaMA with 4 query and 2 key/value
+    heads, ``v_proj``'s group holds ``v_proj`` alone, without ``o_proj``, and ``q_proj``'s group never finishes
+    building), so these projections stay out of its groups (:func:`oba.prune_step.rank_units` adds the module as a
+    group of its own). Removing whole key/value heads leaves ``num_key_value_groups`` and ``head_dim`` unchanged and
+    the module's forward reshapes with ``-1``: no attribute to update, and the shared config is not touched.
+    """
+
+    module: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    group_size: int  # query heads per key/value head (num_key_value_groups)
+    head_dim: int
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads now (from ``k``'s width)."""
+        return self.k.out_features // self.head_dim
+
+    def query_channels(self, kv_channels: list[int]) -> list[int]:
+        """Channels of ``q`` (and inputs of ``o``) coupled with channels ``kv_channels`` of ``k``, in order: for
+        ``c = j d + t``, ``j g d + i d + t`` for ``i < g``."""
+        d, g = self.head_dim, self.group_size
+        return [c // d * g * d + i * d + c % d for c in kv_channels for i in range(g)]
+
+    def coupling(self) -> list[tuple[nn.Linear, bool, list[int]]]:
+        """``(layer, output side?, root)`` for ``k`` (the root, first), ``v``, ``q`` (outputs) and ``o`` (inputs):
+        ``root[i]``, the channel of ``k`` that channel ``i`` of the layer goes with (``q``'s channel ``j g d + i d + t``
+        with ``j d + t``), for :meth:`oba.group_importance.ParameterScoreImportance.coupled_linear`."""
+        d, g, width = self.head_dim, self.group_size, self.k.out_features
+        query_root = [c // (g * d) * d + c % d for c in range(g * width)]
+        return [(self.k, True, list(range(width))), (self.v, True, list(range(width))), (self.q, True, query_root),
+                (self.o, False, query_root)]  # fmt: skip
+
+    def prune(self, kv_channels: list[int]) -> None:
+        """Remove channels ``kv_channels`` of ``k`` (current numbering; whole heads) from ``k`` and ``v``, and their
+        query channels (:meth:`query_channels`) from ``q``'s outputs and ``o``'s inputs, with Torch-Pruning's layer
+        functions."""
+        if len(set(kv_channels)) != len({c // self.head_dim for c in kv_channels}) * self.head_dim:
+            raise ValueError(f"grouped-query attention loses whole key/value heads only, got channels {kv_channels}")
+        queries = self.query_channels(kv_channels)
+        tp.prune_linear_out_channels(self.k, kv_channels)
+        tp.prune_linear_out_channels(self.v, kv_channels)
+        tp.prune_linear_out_channels(self.q, queries)
+        tp.prune_linear_in_channels(self.o, queries)
+
+
+def grouped_query_attention(model: nn.Module) -> list[GroupedQueryAttention]:
+    """The grouped-query attention modules of ``model`` (:class:`GroupedQueryAttention`): ``q_proj``, ``k_proj``,
+    ``v_proj`` and ``o_proj`` linear layers, integer ``head_dim`` and ``num_key_value_groups`` (``g > 1``), ``k`` and
+    ``v`` of equal width, a multiple of ``head_dim``, and ``q`` ``g`` times as wide."""
     found = []
     for m in model.modules():
         layers = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if all(_is_linear(layer) for layer in layers) and _q_k_v_proj(m) is None:
+        d, g = getattr(m, "head_dim", None), getattr(m, "num_key_value_groups", None)
+        if not all(_is_linear(layer) for layer in layers) or not isinstance(d, int) or not isinstance(g, int):
+            continue
+        q, k, v, o = layers
+        if (
+            g > 1
+            and k.out_features == v.out_features
+            and k.out_features % d == 0
+            and q.out_features == g * k.out_features == o.in_features
+        ):
+            found.append(GroupedQueryAttention(m, q, k, v, o, g, d))
+    return found
+
+
+def _unrecognised_attention(model: nn.Module) -> list[nn.Module]:
+    """The projections (q, k, v and output) of modules with ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` linear
+    layers that neither :func:`attention_heads` nor :func:`grouped_query_attention` recognises (kept whole)."""
+    known = {a.module for a in grouped_query_attention(model)}
+    found = []
+    for m in model.modules():
+        layers = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if all(_is_linear(layer) for layer in layers) and _q_k_v_proj(m) is None and m not in known:
             found.extend(layers)
     return found
 

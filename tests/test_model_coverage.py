@@ -201,3 +201,21 @@ def test_a_pruned_torchvision_or_timm_model_saves_and_loads(tmp_path, arch, kwar
     assert [a.heads for a in attention_heads(loaded)] == [a.heads for a in attention_heads(model)]
     with pytest.raises(ValueError, match="'timm:<name>'"):
         oba.save_pruned(model, tmp_path / "x.pt", "timm:no_such_model")
+
+
+def test_logits_turns_off_the_key_value_cache_of_a_decoder_so_it_traces():
+    """GPT-2 builds a key/value cache by default (``use_cache=True``), a concatenation Torch-Pruning cannot trace;
+    ``Logits`` asks for none (the caller may still pass ``use_cache``), and the decoder prunes."""
+    cfg = transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2ForSequenceClassification(cfg).eval()
+    assert gpt2.config.use_cache
+    ids = torch.randint(2, 50, (1, 8), generator=torch.Generator().manual_seed(4))
+    _, history = oba.prune_structured(Logits(gpt2), {"input_ids": ids}, "magnitude", keep_flops=0.6, progress=False)
+    assert history[-1]["flops_kept"] <= 0.6 + 1e-9
+    with torch.no_grad():
+        assert Logits(gpt2)({"input_ids": ids}).shape == (1, 3)
+        assert gpt2(input_ids=ids, use_cache=True).past_key_values is not None  # still the caller's choice
