@@ -75,6 +75,10 @@ groups built for a subset of channels work too. Attention *heads* are ranked by 
 channel scores (``prune_num_heads=True`` averages the channel scores of each head); :func:`head_scores`
 gives the signed-sum-then-absolute score of each head instead, for analysis.
 
+A coupling Torch-Pruning does not build is scored by the same rule with :meth:`ParameterScoreImportance.coupled_linear`
+(grouped-query attention, whose key/value heads leave with their query groups: the rows of ``k_proj``, ``v_proj`` and
+``q_proj`` and the columns of ``o_proj`` each root channel owns, :class:`oba.prunable.GroupedQueryAttention`).
+
 Pruning changes the shapes of the parameters and makes the scores stale: every score is checked against
 its parameter's current shape and a mismatch raises :class:`StaleScoresError`. Re-score the pruned model
 and call :meth:`ParameterScoreImportance.set_scores` before the next pruning step.
@@ -84,6 +88,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -357,6 +362,28 @@ class ParameterScoreImportance(tp.importance.Importance):
         if self.absolute:
             imp = imp.abs()
         return _normalize(imp, self.normalizer)
+
+    @torch.no_grad()
+    def coupled_linear(self, members: Sequence[tuple[nn.Module, bool, Sequence[int]]], size: int) -> Tensor | None:
+        """Importance of ``size`` root channels that a coupling written by hand removes together, outside
+        Torch-Pruning's groups (grouped-query attention: :meth:`oba.prunable.GroupedQueryAttention.coupling`), by the
+        rule of :meth:`__call__`: each member ``(linear layer, output side?, root)`` is one dependency whose channel
+        ``i`` (a row with its bias entry, or a column) goes with root channel ``root[i]``; the members' signed sums are
+        reduced (``group_reduction``), made absolute (``absolute``) and normalised as a group's. ``Tensor[size]``, or
+        ``None`` when no member is scored."""
+        if self._scores is None:
+            raise RuntimeError("no scores: pass them to ParameterScoreImportance(...) or call set_scores(...)")
+        contributions = []
+        for layer, out, root in members:
+            handler = tpf.prune_linear_out_channels if out else tpf.prune_linear_in_channels
+            dep = SimpleNamespace(target=SimpleNamespace(module=layer), handler=handler)  # what _channel_scores reads
+            per_channel = self._channel_scores(dep)
+            if per_channel is not None:
+                contributions.append((per_channel, torch.as_tensor(list(root), device=per_channel.device)))
+        if not contributions:
+            return None
+        imp = self._reduce(contributions, [], size)
+        return _normalize(imp.abs() if self.absolute else imp, self.normalizer)
 
     def _crossing(
         self, layer: nn.Module, out: tuple[Tensor, Tensor], inp: tuple[Tensor, Tensor]

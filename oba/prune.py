@@ -43,7 +43,14 @@ from oba.curvature import Batch, LossFn
 from oba.depgraph import prunable_groups
 from oba.flops import FlopCount, count_params, macs_by_module
 from oba.hf_layers import conv1d_type, customized_pruners
-from oba.prunable import attention_heads, default_ignored_layers, default_num_heads, layer_widths, per_head_tensors
+from oba.prunable import (
+    attention_heads,
+    default_ignored_layers,
+    default_num_heads,
+    grouped_query_attention,
+    layer_widths,
+    per_head_tensors,
+)
 from oba.prune_step import StepContext, prune_step
 from oba.pruned_io import PRUNED_FORMAT, load_pruned, resize_to_state_dict, save_pruned
 from oba.target import PruningTarget, TargetNotReachedError
@@ -125,6 +132,11 @@ class _Measure:
             return count_params(self.model) / self.dense.params
         return self.channels() / self.total_channels
 
+    def _gqa_heads(self) -> dict[str, int]:
+        """Heads of grouped-query attention's projections: query heads of ``q``, key/value heads of ``k`` and ``v``."""
+        names = self.ctx.names
+        return {names[p]: p.out_features // a.head_dim for a in self.ctx.gqa for p in (a.q, a.k, a.v)}
+
     def record(self) -> dict[str, Any]:
         macs, params = self.macs()[""], count_params(self.model)
         heads = self.ctx.num_heads
@@ -135,7 +147,7 @@ class _Measure:
             "params_kept": params / self.dense.params,
             "channels_kept": self.channels() / self.total_channels,
             "widths": layer_widths(self.model),
-            "heads": {name: heads[m] for name, m in self.model.named_modules() if m in heads},
+            "heads": {name: heads[m] for name, m in self.model.named_modules() if m in heads} | self._gqa_heads(),
         }
 
 
@@ -312,7 +324,10 @@ def prune_structured(
         ignored_layers: layers whose output channels stay, as modules or names in ``model.named_modules()``
             (default :func:`oba.prunable.default_ignored_layers`). Groups Torch-Pruning cannot prune through (a
             channel slice or split fixed in the model's code, a reshape of another dimension it mis-traces) are
-            kept whole as well, named in a ``UserWarning`` (:mod:`oba.depgraph`).
+            kept whole as well, named in a ``UserWarning`` (:mod:`oba.depgraph`). Grouped-query attention
+            (:class:`oba.prunable.GroupedQueryAttention`) loses whole key/value heads with their query groups unless
+            its ``q_proj``, ``k_proj`` or ``v_proj`` is listed (and only with a criterion's importance, a
+            :class:`oba.group_importance.ParameterScoreImportance`: with a Torch-Pruning ``Importance`` it stays).
         round_to: keep channel counts multiples of this.
         num_heads: ``{q/k/v projection: heads}`` of attention layers whose whole heads are pruned (default:
             those of :class:`oba.models.vit.Attention` modules, found automatically).
@@ -427,9 +442,15 @@ def _context(
     except Exception as err:  # Torch-Pruning's tracing of the channel dependencies
         raise _untraceable(model, err) from err
     names = {m: n for n, m in model.named_modules()}
+    # grouped-query attention: coupled by hand, outside Torch-Pruning's groups (oba.prunable.GroupedQueryAttention);
+    # one whose q, k or v is ignored stays whole
+    gqa, given = grouped_query_attention(model), set(ignored)
+    ignored = [*ignored, *(p for a in gqa for p in (a.q, a.k, a.v, a.o) if p not in given)]
+    gqa = [a for a in gqa if not {a.q, a.k, a.v} & given]
     splits = [a.projections[0] for a in attention_heads(model) if a.split_by_width]  # GPT-2's c_attn
     unprunable, initial_width = prunable_groups(dg, ignored, root_types, names, splits)  # slices, splits, reshapes
     ignored = [*ignored, *unprunable]
+    initial_width.update({a.k: a.k.out_features for a in gqa})
     if sum(initial_width.values()) == 0:
         raise ValueError("no prunable group: every layer is ignored or unsupported")
     heads = dict(default_num_heads(model) if num_heads is None else num_heads)
@@ -438,7 +459,7 @@ def _context(
         dg, names, ignored, root_types, initial_width, heads, max_channel_sparsity, global_ranking, "flops", 0.0,
         head_parts={p: a.parts for p, a in layouts.items() if p in heads},
         head_sync={p: a.sync for p, a in layouts.items() if p in heads},
-        head_drop={p: a.drop_heads_at for p, a in layouts.items() if p in heads and a.per_head},
+        head_drop={p: a.drop_heads_at for p, a in layouts.items() if p in heads and a.per_head}, gqa=gqa,
     )  # fmt: skip
 
 

@@ -2,11 +2,13 @@ r"""One step of structured pruning: rank the units of every DepGraph group, remo
 target is met (:func:`prune_step`).
 
 Every group yields one score per unit -- a channel, or a whole attention head when the group holds the q/k/v
-projections of an attention layer (``num_heads``) -- and the units are ranked globally (``global_ranking=True``,
-scores normalised within their group by the importance) or per group (each group loses the same fraction of its
-units). The lowest-ranked units are removed until the step target is met; a removal never takes a layer below
-``1 - max_channel_sparsity`` of its initial channels (nor below one channel or head), and ``round_to`` keeps widths
-multiples of it. Every round removes at least one unit and the number of units is finite, so a step always ends.
+projections of an attention layer (``num_heads``), or a key/value head with its query group in grouped-query
+attention (groups coupled by hand, which Torch-Pruning 1.6 cannot build: :func:`_gqa_units`) -- and the units are
+ranked globally (``global_ranking=True``, scores normalised within their group by the importance) or per group (each
+group loses the same fraction of its units). The lowest-ranked units are removed until the step target is met; a
+removal never takes a layer below ``1 - max_channel_sparsity`` of its initial channels (nor below one channel or
+head), and ``round_to`` keeps widths multiples of it. Every round removes at least one unit and the number of units
+is finite, so a step always ends.
 
 FLOPs targets are met without re-counting after every removal: :class:`MacModel` predicts the MACs from one real
 count per step (every conv/linear layer's MACs are a product of its input and output widths, an attention module's
@@ -26,7 +28,9 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from oba.group_importance import ParameterScoreImportance
 from oba.hf_layers import dense_layer_types, is_conv1d
+from oba.prunable import GroupedQueryAttention
 
 __all__ = ["MacModel", "StepContext", "channel_groups", "prune_step", "rank_units", "remove_until"]
 
@@ -49,6 +53,8 @@ class StepContext:
     head_sync: dict[nn.Module, Callable[[int], None]] = field(default_factory=dict)  # projection -> set head count
     # projection -> drop the per-head tensors (Swin's bias table) of the heads at these root positions
     head_drop: dict[nn.Module, Callable[[list[int]], None]] = field(default_factory=dict)
+    # grouped-query attention modules whose key/value heads prune (hand-coupled groups: _gqa_units)
+    gqa: list[GroupedQueryAttention] = field(default_factory=list)
 
 
 def prune_step(
@@ -81,6 +87,9 @@ class _Group:
     heads_of: list[nn.Module] = field(default_factory=list)  # q/k/v layers when units are heads
     # (layer, its output dimension?, channels it loses per root channel) for the layers of the group
     dims: list[tuple[nn.Module, bool, float]] = field(default_factory=list)
+    # prunes root channels (current positions) of a group coupled by hand (grouped-query attention), instead of
+    # Torch-Pruning's dg.get_pruning_group(root, handler, positions)
+    prune: Callable[[list[int]], None] | None = None
 
 
 @dataclass(order=True)
@@ -136,11 +145,7 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
         n = len(group[0].idxs)
         if len(imp) != n:
             raise RuntimeError(f"the importance returned {len(imp)} scores for a group of {n} channels")
-        if not bool(torch.isfinite(imp).all()):
-            raise ValueError(
-                f"the importance of the group rooted at {ctx.names.get(root, type(root).__name__)!r} holds NaN or inf: "
-                "ranking by it would prune at random; check the scoring data and the model for NaN/inf"
-            )
+        _check_finite(imp, root, ctx.names)
         heads_of = [
             d.target.module
             for d, _ in group
@@ -166,8 +171,53 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
             key = float(merged[t]) if ctx.global_ranking else (rank + 1) / len(order)
             channels = tuple(c for u in tied[t] for c in _unit_channels(u, d, n // parts, parts))
             units.append(_Unit(key, gi, channels, cost * len(tied[t])))
+    _gqa_units(ctx, importance, groups, units)
     units.sort()
     return groups, units
+
+
+def _check_finite(imp: Tensor, root: nn.Module, names: Mapping[nn.Module, str]) -> None:
+    if not bool(torch.isfinite(imp).all()):
+        raise ValueError(
+            f"the importance of the group rooted at {names.get(root, type(root).__name__)!r} holds NaN or inf: "
+            "ranking by it would prune at random; check the scoring data and the model for NaN/inf"
+        )
+
+
+def _gqa_units(
+    ctx: StepContext, importance: Callable[[Any], Tensor | None], groups: list[_Group], units: list[_Unit]
+) -> None:
+    """Append every grouped-query attention module of ``ctx.gqa`` as a group of its own, coupled by hand
+    (Torch-Pruning 1.6 cannot couple it: :class:`oba.prunable.GroupedQueryAttention`), with its units, whole key/value
+    heads (:meth:`~oba.prunable.GroupedQueryAttention.prune` removes them). Root channels: ``k``'s outputs, ``d``
+    (head_dim) per unit; each scored by :meth:`~oba.group_importance.ParameterScoreImportance.coupled_linear` (its
+    rows of ``k``, ``v``, ``q`` and columns of ``o``), a unit by the mean of its ``d``, as a head of a Torch-Pruning
+    group. An importance that is not a ParameterScoreImportance (a Torch-Pruning ``Importance`` of one's own)
+    cannot score these layers: the modules stay whole."""
+    if not isinstance(importance, ParameterScoreImportance):
+        return
+    for a in ctx.gqa:
+        n, d, g = a.k.out_features, a.head_dim, float(a.group_size)
+        imp = importance.coupled_linear(a.coupling(), n)
+        if imp is None:
+            continue
+        _check_finite(imp, a.k, ctx.names)
+        scores = imp.detach().double().reshape(-1, d).mean(1)
+        min_channels = d * max(1, math.ceil(ctx.initial_width.get(a.k, n) // d * (1 - ctx.max_sparsity)))
+        dims = [(a.q, True, g), (a.k, True, 1.0), (a.v, True, 1.0), (a.o, False, g)]
+        gi = len(groups)
+        groups.append(_Group(a.k, tp.prune_linear_out_channels, list(range(n)), min_channels, d, [], dims, a.prune))
+        cost = d * (_linear_cost(dims) if ctx.kind == "params" else 1.0) / ctx.dense_total
+        for rank, j in enumerate(torch.argsort(scores).tolist()):
+            key = float(scores[j]) if ctx.global_ranking else (rank + 1) / len(scores)
+            units.append(_Unit(key, gi, tuple(range(j * d, (j + 1) * d)), cost))
+
+
+def _linear_cost(dims: list[tuple[nn.Module, bool, float]]) -> float:
+    """Parameters of linear layers per root channel: ``ratio`` rows (with their bias entries) or columns each."""
+    return sum(
+        r * (layer.in_features + (layer.bias is not None) if out else layer.out_features) for layer, out, r in dims
+    )
 
 
 def _tied_units(
@@ -267,7 +317,8 @@ class MacModel:
                 modelled += macs[name]
         self.attention: dict[nn.Module, tuple[float, float]] = {}  # q layer -> (own MACs, query width at start)
         seen: set[str] = set()
-        for q in ctx.num_heads:  # q, k and v of an attention module: its own MACs go with the first
+        # q, k and v of an attention module: its own MACs go with the first (grouped-query attention: with q)
+        for q in [*ctx.num_heads, *(a.q for a in ctx.gqa)]:
             parent = ctx.names.get(q, "").rpartition(".")[0]
             if parent in seen or (q, True) not in self.width:
                 continue
@@ -320,9 +371,10 @@ def _apply(
     sync: Mapping[nn.Module, Callable[[int], None]],
     drop: Mapping[nn.Module, Callable[[list[int]], None]] | None = None,
 ) -> int:
-    """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each; head counts updated, and
-    told to their modules through ``sync``; the per-head tensors Torch-Pruning does not hold, as a Swin bias table,
-    lose the same heads through ``drop``, once per attention module); the channels removed."""
+    """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each, or the group's own ``prune``
+    when it is coupled by hand; head counts updated, and told to their modules through ``sync``; the per-head tensors
+    Torch-Pruning does not hold, as a Swin bias table, lose the same heads through ``drop``, once per attention
+    module); the channels removed."""
     removed = 0
     pending_of: dict[int, list[int]] = {}
     for u in rest:
@@ -339,7 +391,10 @@ def _apply(
         if g.root in g.heads_of:  # positions in a projection's layout: which heads go
             for fn in {(drop or {})[layer]: None for layer in g.heads_of if layer in (drop or {})}:
                 fn(at)
-        dg.get_pruning_group(g.root, g.handler, at).prune()
+        if g.prune is not None:
+            g.prune(at)
+        else:
+            dg.get_pruning_group(g.root, g.handler, at).prune()
         g.alive = [c for c in g.alive if c not in gone]
         for layer in g.heads_of:
             heads[layer] -= len(channels) // g.unit_size
