@@ -20,6 +20,7 @@ case it falls short). Parameter and channel targets are measured after every chu
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,19 +162,37 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
         size = parts * d
         scores = imp.detach().double().reshape(parts, -1, d).mean((0, 2))  # per channel, comparable across units
         min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
-        cost = size * _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total
+        cost = _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total  # per root channel
         gi = len(groups)
         groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
-        tied = _tied_units(ctx.dg, root, handler, [_unit_channels(u, d, n // parts, parts) for u in range(n // size)])
-        merged = scores if len(tied) == len(scores) else torch.stack([scores[members].mean() for members in tied])
-        order = torch.argsort(merged)
-        for rank, t in enumerate(order.tolist()):
-            key = float(merged[t]) if ctx.global_ranking else (rank + 1) / len(order)
-            channels = tuple(c for u in tied[t] for c in _unit_channels(u, d, n // parts, parts))
-            units.append(_Unit(key, gi, channels, cost * len(tied[t])))
+        channels = (
+            [(u,) for u in range(n)]
+            if size == 1
+            else [_unit_channels(u, d, n // parts, parts) for u in range(n // size)]
+        )
+        if _may_tie(group):
+            tied = _tied_units(ctx.dg, root, handler, channels)
+            if len(tied) < len(channels):
+                scores = torch.stack([scores[members].mean() for members in tied])
+                channels = [tuple(c for u in members for c in channels[u]) for members in tied]
+        order = torch.argsort(scores).tolist()
+        keys = scores.tolist()
+        for rank, t in enumerate(order):
+            key = keys[t] if ctx.global_ranking else (rank + 1) / len(order)
+            units.append(_Unit(key, gi, channels[t], cost * len(channels[t])))  # as many as it holds
     _gqa_units(ctx, importance, groups, units)
-    units.sort()
+    units.sort(key=_by_key)  # stable: equal keys keep group order
     return groups, units
+
+
+_by_key = operator.attrgetter("key")
+
+
+def _may_tie(group: Any) -> bool:
+    """Whether ``group`` may tie root channels to one another (:func:`_tied_units`): only through a concatenation,
+    which can bring two root channels onto one channel of a member (GhostNet's ``cat([x1, dwconv(x1)])``); without
+    one, every member maps root channels one to one (or one to many: a flatten), and the probes are skipped."""
+    return any(isinstance(dep.target.module, tp.ops._ConcatOp) for dep, _ in group)
 
 
 def _check_finite(imp: Tensor, root: nn.Module, names: Mapping[nn.Module, str]) -> None:
