@@ -347,9 +347,12 @@ class ParameterScoreImportance(tp.importance.Importance):
             if per_channel is None:
                 continue
             # indices beyond the layer's width remove nothing (GPT-2's fused c_attn: oba.depgraph.prunable_groups)
-            inside = [k for k, i in enumerate(idxs) if i < len(per_channel)]
-            at = torch.as_tensor([idxs[k] for k in inside], dtype=torch.long, device=per_channel.device)
-            pos = torch.as_tensor([position[root_idxs[k]] for k in inside], dtype=torch.long, device=per_channel.device)
+            width, idxs = len(per_channel), list(idxs)
+            if idxs and max(idxs) >= width:
+                inside = [k for k, i in enumerate(idxs) if i < width]
+                idxs, root_idxs = [idxs[k] for k in inside], [root_idxs[k] for k in inside]
+            at = torch.as_tensor(idxs, dtype=torch.long, device=per_channel.device)
+            pos = torch.as_tensor([position[r] for r in root_idxs], dtype=torch.long, device=per_channel.device)
             contributions.append((per_channel[at], pos))
             if (end := _dense_end(dep.handler)) is not None:
                 conv_linear.setdefault(dep.target.module, {})[end] = (at, pos)
