@@ -9,6 +9,7 @@ pruning (EigenDamage's eigenbasis) are named per :class:`oba.criteria.Preparatio
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,9 +47,10 @@ def _preparation(name: str, path: Any) -> Preparation:
 def save_pruned(
     model: nn.Module, path: str | os.PathLike, arch: str, arch_kwargs: Mapping[str, Any] | None = None
 ) -> None:
-    """Write a pruned model as ``{format, arch, arch_kwargs, widths, state_dict}`` (atomic; no pickled code),
-    plus ``prepared`` (``{preparation name: [layer names]}``) when a criterion's :class:`oba.criteria.Preparation`
-    rewrote layers (EigenDamage: ``{"eigenbasis_layers": [...]}``), so that :func:`load_pruned` rebuilds them.
+    """Write a pruned model as ``{format, arch, arch_kwargs, widths, state_dict, state_dict_metadata}`` (atomic; no
+    pickled code), plus ``prepared`` (``{preparation name: [layer names]}``) when a criterion's
+    :class:`oba.criteria.Preparation` rewrote layers (EigenDamage: ``{"eigenbasis_layers": [...]}``), so that
+    :func:`load_pruned` rebuilds them.
 
     Args:
         arch: the :mod:`oba.models` name the model was created from (e.g. ``"resnet32"``, or
@@ -62,12 +64,15 @@ def save_pruned(
             "model. Pass the name the model "
             "was created from (and its arguments as arch_kwargs)"
         )
+    state = model.state_dict()
     payload = {
         "format": PRUNED_FORMAT,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs or {}),
         "widths": layer_widths(model),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        # each module's state-dict version ({prefix: {"version": n}}): some modules' loading reads it (MNASNet)
+        "state_dict_metadata": {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()},
     }
     if prepared := _prepared_layers(model):
         payload["prepared"] = prepared
@@ -99,7 +104,9 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     for attention in attention_heads(model):  # head counts follow the widths
         width = layer_widths(attention.projections[0])[""]  # out_features, or a Conv1D's nf
         attention.sync(width // attention.parts // attention.head_dim)
-    model.load_state_dict(payload["state_dict"])
+    state = OrderedDict(payload["state_dict"])
+    state._metadata = payload.get("state_dict_metadata", {})  # type: ignore[attr-defined]
+    model.load_state_dict(state)
     return model
 
 

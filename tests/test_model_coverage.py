@@ -186,6 +186,7 @@ def test_hugging_face_bert_and_vit_prune_to_the_target_with_exact_oba():
     "arch, kwargs, side",
     [
         ("torchvision:resnext50_32x4d", {"num_classes": 10}, 64),
+        ("torchvision:mnasnet0_5", {"num_classes": 10}, 64),  # its loading reads the state dict's version
         ("timm:vit_tiny_patch16_224", {"num_classes": 10, "img_size": 32, "patch_size": 8, "depth": 2}, 32),
     ],
 )
