@@ -309,11 +309,6 @@ class GroupedQueryAttention:
     group_size: int  # query heads per key/value head (num_key_value_groups)
     head_dim: int
 
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads now (from ``k``'s width)."""
-        return self.k.out_features // self.head_dim
-
     def query_channels(self, kv_channels: list[int]) -> list[int]:
         """Channels of ``q`` (and inputs of ``o``) coupled with channels ``kv_channels`` of ``k``, in order: for
         ``c = j d + t``, ``j g d + i d + t`` for ``i < g``."""

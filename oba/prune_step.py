@@ -394,7 +394,7 @@ def _apply(
     when it is coupled by hand; head counts updated, and told to their modules through ``sync``; the per-head tensors
     Torch-Pruning does not hold, as a Swin bias table, lose the same heads through ``drop``, once per attention
     module); the channels removed."""
-    removed = 0
+    removed, drop = 0, drop or {}
     pending_of: dict[int, list[int]] = {}
     for u in rest:
         pending_of.setdefault(u.group, []).extend(u.channels)
@@ -408,7 +408,7 @@ def _apply(
         position = {c: i for i, c in enumerate(g.alive)}
         at = sorted(position[c] for c in channels)
         if g.root in g.heads_of:  # positions in a projection's layout: which heads go
-            for fn in {(drop or {})[layer]: None for layer in g.heads_of if layer in (drop or {})}:
+            for fn in {drop[layer] for layer in g.heads_of if layer in drop}:  # once per attention module
                 fn(at)
         if g.prune is not None:
             g.prune(at)
