@@ -36,6 +36,8 @@ LAYERS: dict[str, int] = {
     "oba.models.*": FOUNDATIONS,
     "oba.flops": FOUNDATIONS,
     "oba.toynets": FOUNDATIONS,
+    "oba.arguments": FOUNDATIONS,
+    "oba.hf_layers": FOUNDATIONS,  # Hugging Face's Conv1D: its Torch-Pruning pruner, read by criteria and pruning
     # 1 -- curvature engine: Hessian/GGN/Fisher products and the decomposition of the Hessian.
     "oba.standardization": CURVATURE,
     "oba.curvature": CURVATURE,
@@ -51,6 +53,8 @@ LAYERS: dict[str, int] = {
     "oba.criteria": CRITERIA,
     # 3 -- pruning: structured and unstructured pruners, targets, saving and loading pruned models.
     "oba.prunable": PRUNING,
+    "oba.depgraph": PRUNING,
+    "oba.cached_shapes": PRUNING,
     "oba.target": PRUNING,
     "oba.prune_step": PRUNING,
     "oba.prune": PRUNING,
