@@ -9,6 +9,7 @@ extra: without it :func:`conv1d_type` is ``None`` and nothing here is used.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch_pruning as tp
@@ -17,6 +18,7 @@ from torch import nn
 __all__ = ["Conv1DPruner", "conv1d_type", "customized_pruners", "dense_layer_types", "is_conv1d"]
 
 
+@functools.cache  # asked for every layer on the pruning loop's paths: import once
 def conv1d_type() -> type | None:
     """``transformers.pytorch_utils.Conv1D``, or ``None`` when transformers is not installed."""
     try:

@@ -161,7 +161,7 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
             parts, d = channel_groups(ctx.dg, group), 1
         size = parts * d
         scores = imp.detach().double().reshape(parts, -1, d).mean((0, 2))  # per channel, comparable across units
-        min_channels = size * max(1, math.ceil(init // size * (1 - ctx.max_sparsity)))
+        min_channels = _floor(init, size, ctx.max_sparsity)
         cost = _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total  # per root channel
         gi = len(groups)
         groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
@@ -175,17 +175,30 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
             if len(tied) < len(channels):
                 scores = torch.stack([scores[members].mean() for members in tied])
                 channels = [tuple(c for u in members for c in channels[u]) for members in tied]
-        order = torch.argsort(scores).tolist()
-        keys = scores.tolist()
-        for rank, t in enumerate(order):
-            key = keys[t] if ctx.global_ranking else (rank + 1) / len(order)
-            units.append(_Unit(key, gi, channels[t], cost * len(channels[t])))  # as many as it holds
+        _add_units(units, gi, scores, channels, cost, ctx.global_ranking)
     _gqa_units(ctx, importance, groups, units)
     units.sort(key=_by_key)  # stable: equal keys keep group order
     return groups, units
 
 
 _by_key = operator.attrgetter("key")
+
+
+def _floor(initial: int, size: int, max_sparsity: float) -> int:
+    """Root channels a group of ``initial`` channels in units of ``size`` keeps at least: at least one unit, and
+    no more than ``max_sparsity`` of its initial units removed."""
+    return size * max(1, math.ceil(initial // size * (1 - max_sparsity)))
+
+
+def _add_units(
+    units: list[_Unit], gi: int, scores: Tensor, channels: list[tuple[int, ...]], cost: float, global_ranking: bool
+) -> None:
+    """Append group ``gi``'s units (root ``channels[u]``, score ``scores[u]``) in its own order: keyed by score for
+    a global ranking, else by rank within the group (``(rank + 1) / units``); each costs ``cost`` per channel."""
+    keys, order = scores.tolist(), torch.argsort(scores).tolist()
+    for rank, t in enumerate(order):
+        key = keys[t] if global_ranking else (rank + 1) / len(order)
+        units.append(_Unit(key, gi, channels[t], cost * len(channels[t])))  # as many as it holds
 
 
 def _may_tie(group: Any) -> bool:
@@ -222,14 +235,13 @@ def _gqa_units(
             continue
         _check_finite(imp, a.k, ctx.names)
         scores = imp.detach().double().reshape(-1, d).mean(1)
-        min_channels = d * max(1, math.ceil(ctx.initial_width.get(a.k, n) // d * (1 - ctx.max_sparsity)))
+        min_channels = _floor(ctx.initial_width.get(a.k, n), d, ctx.max_sparsity)
         dims = [(a.q, True, g), (a.k, True, 1.0), (a.v, True, 1.0), (a.o, False, g)]
         gi = len(groups)
         groups.append(_Group(a.k, tp.prune_linear_out_channels, list(range(n)), min_channels, d, [], dims, a.prune))
-        cost = d * (_linear_cost(dims) if ctx.kind == "params" else 1.0) / ctx.dense_total
-        for rank, j in enumerate(torch.argsort(scores).tolist()):
-            key = float(scores[j]) if ctx.global_ranking else (rank + 1) / len(scores)
-            units.append(_Unit(key, gi, tuple(range(j * d, (j + 1) * d)), cost))
+        cost = (_linear_cost(dims) if ctx.kind == "params" else 1.0) / ctx.dense_total  # per root channel
+        heads = [tuple(range(j * d, (j + 1) * d)) for j in range(n // d)]
+        _add_units(units, gi, scores, heads, cost, ctx.global_ranking)
 
 
 def _linear_cost(dims: list[tuple[nn.Module, bool, float]]) -> float:
