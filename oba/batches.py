@@ -21,6 +21,7 @@ __all__ = [
     "batch_count",
     "check_batch",
     "check_example_inputs",
+    "check_example_type",
     "check_inputs_like",
     "first_checked",
     "modes_restored",
@@ -119,16 +120,22 @@ def first_checked(model: nn.Module, loss_fn: LossFn | None, batches: Iterable[An
     return itertools.chain([first], stream)
 
 
-def check_example_inputs(model: nn.Module, example_inputs: Any, forward: Callable[[], T] | None = None) -> T | None:
-    """``example_inputs`` must be what Torch-Pruning traces the model with: a tensor (``model(x)``), a tuple or
-    list (``model(*x)``) or a dict (``model(**x)``) on which the model runs. Checked with one forward pass in eval
-    mode under ``torch.no_grad`` (nothing changes); a :class:`BadBatchError` otherwise. ``forward``: a function
-    running that pass some other way (e.g. counting its MACs), whose result is returned."""
+def check_example_type(example_inputs: Any) -> None:
+    """``example_inputs`` must be a tensor, a tuple or list of arguments, or a dict of keyword arguments (the
+    forms Torch-Pruning traces with); a :class:`BadBatchError` otherwise."""
     if not isinstance(example_inputs, (Tensor, tuple, list, dict)):
         raise BadBatchError(
             f"example_inputs must be a tensor (or a tuple/dict of model arguments), got "
             f"{type(example_inputs).__name__}: pass one input the model takes, e.g. torch.randn(1, 3, 32, 32)"
         )
+
+
+def check_example_inputs(model: nn.Module, example_inputs: Any, forward: Callable[[], T] | None = None) -> T | None:
+    """``example_inputs`` must be what Torch-Pruning traces the model with: a tensor (``model(x)``), a tuple or
+    list (``model(*x)``) or a dict (``model(**x)``) on which the model runs. Checked with one forward pass in eval
+    mode under ``torch.no_grad`` (nothing changes); a :class:`BadBatchError` otherwise. ``forward``: a function
+    running that pass some other way (e.g. counting its MACs), whose result is returned."""
+    check_example_type(example_inputs)
     with torch.no_grad(), modes_restored(model):
         model.eval()
         try:

@@ -33,7 +33,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from oba.arguments import check_whole_number
 
-__all__ = ["FlopCount", "count_flops", "count_params", "count_nonzero_params", "latency_ms", "macs_by_module"]
+__all__ = [
+    "FlopCount",
+    "count_flops",
+    "count_nonzero_params",
+    "count_params",
+    "counted_forward",
+    "latency_ms",
+    "macs_by_module",
+]
 
 
 @dataclass(frozen=True)
@@ -97,13 +105,41 @@ def macs_by_module(
     BatchNorm statistics move; the modes are restored), cheaper than copying a large model, but the model's
     forward hooks run; for callers that own the model (the pruning loop).
     """
-    counter = (
-        _run_counter_in_place(model, inputs_or_shape) if in_place else _run_counter(model, inputs_or_shape, device)
-    )
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
+    if not in_place:
+        return _per_module(_run_counter(model, inputs_or_shape, device), type(model).__name__)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return counted_forward(model, inputs_or_shape)[1]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def counted_forward(
+    model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str, Any]
+) -> tuple[Any, dict[str, int]]:
+    """``model`` run once on ``inputs`` as it is (its modes and autograd as the caller set them) under
+    ``FlopCounterMode``: ``(output, MACs per module)``, the latter as :func:`macs_by_module` gives them. For a caller
+    that runs the model anyway: the pruning loop counts the dense model in Torch-Pruning's tracing pass.
+    ``nn.MultiheadAttention``'s fused inference kernel, which the counter does not see, is off for the pass."""
+    target, dtype = _device_and_dtype(model)
+    args, kwargs = _call_arguments(inputs, dtype, target)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with FlopCounterMode(display=False) as counter:
+            out = model(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return out, _per_module(counter, type(model).__name__)
+
+
+def _per_module(counter: FlopCounterMode, root: str) -> dict[str, int]:
+    """MACs per module name (``""``: the total) of a counter's pass over a model of class name ``root``."""
     result = {}
-    for key, per_op in counts.items():
+    for key, per_op in counter.get_flop_counts().items():
         if key == "Global":
             continue
         name = "" if key == root else key.removeprefix(root + ".")
@@ -121,27 +157,6 @@ def _run_counter(
     args, kwargs = _call_arguments(inputs_or_shape, dtype, target)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         replica(*args, **kwargs)
-    return counter
-
-
-def _run_counter_in_place(
-    model: nn.Module, inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size
-) -> FlopCounterMode:
-    """One forward pass of ``model`` itself, in eval mode, under ``FlopCounterMode``; returns the counter."""
-    target, dtype = _device_and_dtype(model)
-    args, kwargs = _call_arguments(inputs_or_shape, dtype, target)
-    modes = [(m, m.training) for m in model.modules()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        model.eval()
-        # nn.MultiheadAttention's fused inference kernel is not counted (a meta replica never takes it)
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*args, **kwargs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, mode in modes:
-            m.training = mode
     return counter
 
 

@@ -36,12 +36,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oba.arguments import check_whole_number
-from oba.batches import check_example_inputs, check_inputs_like, modes_restored
+from oba.batches import check_example_inputs, check_example_type, check_inputs_like, modes_restored
 from oba.cached_shapes import cached_shapes, sync_cached_shapes
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
 from oba.depgraph import prunable_groups
-from oba.flops import FlopCount, count_params, macs_by_module
+from oba.flops import FlopCount, count_params, counted_forward, macs_by_module
 from oba.hf_layers import conv1d_type, customized_pruners
 from oba.prunable import (
     attention_heads,
@@ -98,13 +98,19 @@ class _Measure:
     """The current model's cost against the dense one: the target quantity alone (:meth:`kept`, after every
     round of removals) or the whole record of a step (:meth:`record`). The MACs come from one counter run per
     model state (keyed by the parameters' shapes), which also gives the per-module MACs the next step predicts
-    with (:meth:`macs`)."""
+    with (:meth:`macs`). A CPU model of at least :attr:`META_ABOVE` MACs is counted on a ``meta`` replica, a pass
+    over shapes alone, cheaper than its real compute (the same count); should that pass fail (code that reads
+    values), the model itself runs from then on."""
+
+    META_ABOVE = 10**9
 
     def __init__(self, model: nn.Module, example_inputs: Any, ctx: StepContext, dense: Any, total_channels: int):
         self.model, self.example_inputs, self.ctx = model, example_inputs, ctx
         self.dense, self.total_channels = dense, total_channels
         self._counted: tuple[tuple, dict[str, int]] | None = None
         self.shapes = cached_shapes(model)  # view shapes modules cache from their tensors (PoolFormer's Scale)
+        cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self.on_meta = cpu and dense.macs >= self.META_ABOVE
 
     def _state(self) -> tuple:
         return tuple(tuple(p.shape) for p in self.model.parameters())
@@ -113,8 +119,16 @@ class _Measure:
         """MACs per module of the model as it is now (``""``: the total), counted once per state."""
         if self._counted is None or self._counted[0] != self._state():
             sync_cached_shapes(self.shapes)  # the model runs next: its cached shapes follow the pruned widths
-            self.seed(macs_by_module(self.model, self.example_inputs, in_place=True))
+            self.seed(self._count())
         return self._counted[1]
+
+    def _count(self) -> dict[str, int]:
+        if self.on_meta:
+            try:
+                return macs_by_module(self.model, self.example_inputs)  # on a meta replica
+            except Exception:  # the model's code needs values: it runs itself (an error of its own shows there)
+                self.on_meta = False
+        return macs_by_module(self.model, self.example_inputs, in_place=True)
 
     def seed(self, macs: dict[str, int]) -> None:
         """``macs`` (of :func:`macs_by_module`) is the count of the model as it is now."""
@@ -361,9 +375,13 @@ def prune_structured(
     scorer = as_scorer(importance, loss_fn)
     _check_options(target, reference, score_mode, max_channel_sparsity, scorer, batches)
     _check_model(model)
-    # the check's forward pass counts the dense model's MACs (the targets' denominator) when it is the reference
-    count = None if reference is not None else lambda: macs_by_module(model, example_inputs, in_place=True)
-    dense_macs = check_example_inputs(model, example_inputs, count)
+    if reference is None and getattr(scorer, "preparation", None) is None:
+        # Torch-Pruning's tracing pass checks example_inputs and counts the dense model's MACs (_context)
+        check_example_type(example_inputs)
+        dense_macs = None
+    else:  # counted (the model as given, before a criterion rewrites it) or checked here
+        count = None if reference is not None else lambda: macs_by_module(model, example_inputs, in_place=True)
+        dense_macs = check_example_inputs(model, example_inputs, count)
     ignored_layers = _resolve_layers(model, ignored_layers)
     with _restored_on_failure(model, scorer.writes_tensors), modes_restored(model):  # tracing switches to eval
         return _run(
@@ -378,12 +396,19 @@ def _run(
     max_channel_sparsity, ignored_layers, round_to, num_heads, root_module_types, progress, on_step, dense_macs,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:  # fmt: skip
     """:func:`prune_structured` after its arguments are checked (same arguments; ``dense_macs``: the model's
-    per-module MACs, counted with the check, or ``None`` when ``reference`` sets the targets)."""
+    per-module MACs, counted with the check before a criterion's preparation, or ``None``: when ``reference`` sets
+    the targets, or when the tracing pass counts them)."""
     given = {m: m.training for m in model.modules()}  # the modes scoring uses when score_mode is None
-    dense, dense_macs = _dense_cost(model, reference, example_inputs, dense_macs)  # before any preparation
+    traced = dense_macs is None and reference is None  # no preparation: the model is counted as it is traced
+    if not traced:
+        dense, dense_macs = _dense_cost(model, reference, example_inputs, dense_macs)  # before any preparation
     prepared = scorer.prepare(model, ignored_layers)  # in place; the layers the criterion ignores, if it says
     ignored = list(default_ignored_layers(model) if prepared is None else prepared)
-    ctx = _context(model, example_inputs, ignored, root_module_types, num_heads, max_channel_sparsity, global_ranking)
+    ctx, counted = _context(
+        model, example_inputs, ignored, root_module_types, num_heads, max_channel_sparsity, global_ranking
+    )
+    if traced:
+        dense, dense_macs = _dense_cost(model, None, example_inputs, counted)
     total_channels = sum(ctx.initial_width.values())
     ctx.kind = target.kind
     ctx.dense_total = {"flops": dense.macs, "params": dense.params, "channels": total_channels}[target.kind]
@@ -407,7 +432,7 @@ def _run(
         if on_step is not None:
             on_step(model, record)
         if record[f"{target.kind}_kept"] > step_target + 1e-9:
-            raise _not_reached(target, step, step_target, record, max_channel_sparsity, history)
+            raise _not_reached(target, step, step_target, record, max_channel_sparsity, round_to, history)
     return model, history
 
 
@@ -429,17 +454,26 @@ def _context(
     num_heads: Mapping[nn.Module, int] | None,
     max_channel_sparsity: float,
     global_ranking: bool,
-) -> StepContext:
+) -> tuple[StepContext, dict[str, int]]:
     """The dependency graph of ``model`` and what stays fixed over the run (``kind`` and ``dense_total`` are set
-    by the caller, which knows the target and the total of prunable channels found here)."""
+    by the caller, which knows the target and the total of prunable channels found here), and the model's MACs per
+    module, counted in the tracing pass (:func:`oba.flops.counted_forward`)."""
     root_types = _with_conv1d(tuple(root_module_types))
+    counted: dict[str, int] = {}
+
+    def forward(m: nn.Module, inputs: Any) -> Any:  # Torch-Pruning's one pass of the model, counted
+        out, macs = counted_forward(m, inputs)
+        counted.update(macs)
+        return out
+
     try:
         params, layers = per_head_tensors(model)  # pruned with the heads by oba, not coupled by Torch-Pruning
         dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, ignored_layers=layers, ignored_params=params, verbose=False,
-            customized_pruners=customized_pruners(),  # Hugging Face Conv1D (GPT-2): oba.hf_layers
+            model, example_inputs=example_inputs, forward_fn=forward, ignored_layers=layers, ignored_params=params,
+            verbose=False, customized_pruners=customized_pruners(),  # Hugging Face Conv1D (GPT-2): oba.hf_layers
         )  # fmt: skip
     except Exception as err:  # Torch-Pruning's tracing of the channel dependencies
+        check_example_inputs(model, example_inputs)  # a BadBatchError if the model fails on the inputs themselves
         raise _untraceable(model, err) from err
     names = {m: n for n, m in model.named_modules()}
     # grouped-query attention: coupled by hand, outside Torch-Pruning's groups (oba.prunable.GroupedQueryAttention);
@@ -455,12 +489,13 @@ def _context(
         raise ValueError("no prunable group: every layer is ignored or unsupported")
     heads = dict(default_num_heads(model) if num_heads is None else num_heads)
     layouts = {p: a for a in attention_heads(model) for p in a.projections}
-    return StepContext(
+    ctx = StepContext(
         dg, names, ignored, root_types, initial_width, heads, max_channel_sparsity, global_ranking, "flops", 0.0,
         head_parts={p: a.parts for p, a in layouts.items() if p in heads},
         head_sync={p: a.sync for p, a in layouts.items() if p in heads},
         head_drop={p: a.drop_heads_at for p, a in layouts.items() if p in heads and a.per_head}, gqa=gqa,
     )  # fmt: skip
+    return ctx, counted
 
 
 def _with_conv1d(root_types: tuple[type, ...]) -> tuple[type, ...]:
@@ -492,14 +527,21 @@ def _untraceable(model: nn.Module, err: Exception) -> UnsupportedModelError:
 
 
 def _not_reached(
-    target: PruningTarget, step: int, step_target: float, record: Mapping[str, Any], max_sparsity: float, history
+    target: PruningTarget,
+    step: int,
+    step_target: float,
+    record: Mapping[str, Any],
+    max_sparsity: float,
+    round_to: int | None,
+    history: list[dict[str, Any]],
 ) -> TargetNotReachedError:
     reached = record[f"{target.kind}_kept"]
+    rounding = f", kept by round_to={round_to}" if round_to else ""
     return TargetNotReachedError(
         f"could not prune to keep_{target.kind}={step_target:.4f} at step {step}/{len(target.step_targets())}: "
         f"reached {reached:.4f} of the dense model's {target.kind} and every remaining channel is capped by "
-        f"max_channel_sparsity={max_sparsity} or in an ignored layer. Lower the target, raise "
-        "max_channel_sparsity, or ignore fewer layers.",
+        f"max_channel_sparsity={max_sparsity}{rounding} or in an ignored layer. Lower the target, raise "
+        f"max_channel_sparsity{', lower round_to' if round_to else ''}, or ignore fewer layers.",
         reached,
         history,
     )

@@ -70,7 +70,7 @@ def prune_step(
     removable is left); returns the channels removed. ``macs``: MACs per module of the current model (``kind ==
     "flops"``), for the predicted cost of each unit."""
     groups, units = rank_units(ctx, importance)
-    predicted = MacModel(ctx, macs) if ctx.kind == "flops" else None
+    predicted = MacModel(ctx, macs, groups) if ctx.kind == "flops" else None
     return remove_until(
         ctx.dg, groups, units, ctx.num_heads, round_to, step_target, kept, predicted, ctx.head_sync, ctx.head_drop
     )
@@ -332,9 +332,12 @@ class MacModel:
     and input size, known from the count; a depthwise conv's :math:`C_{in}/g` stays 1); an attention module's own
     products (:math:`QK^\top`, :math:`AV`) scale with its query width; the rest of the model's MACs stay. Removing
     :math:`r` root channels of a group takes :math:`r \cdot` ratio channels off each of its layers' dimensions.
+    A group whose layers no other group of ``groups`` (the step's) touches, each through one dimension, changes the
+    MACs linearly: :math:`r` times its per-channel rate, found once; the others recompute their layers' MACs at every
+    removal.
     """
 
-    def __init__(self, ctx: StepContext, macs: Mapping[str, int]) -> None:
+    def __init__(self, ctx: StepContext, macs: Mapping[str, int], groups: list[_Group]) -> None:
         self.ctx = ctx
         self.width: dict[tuple[nn.Module, bool], float] = {}
         self.coef: dict[nn.Module, float] = {}
@@ -359,6 +362,14 @@ class MacModel:
             modelled += extra
         self.fixed = macs.get("", 0) - modelled
         self.total = float(macs.get("", 0))
+        self.current = {layer: self._macs(layer) for layer in self.coef}  # each modelled layer's MACs now
+        self.touches = dict.fromkeys(self.coef, 0)  # (group, dimension) pairs of the step per modelled layer
+        for g in groups:
+            for layer, _, _ in g.dims:
+                if layer in self.touches:
+                    self.touches[layer] += 1
+        # id(group) -> (its modelled layers, their dimensions and ratios, MACs per root channel if linear else None)
+        self._plans: dict[int, tuple[list[nn.Module], list[tuple[tuple[nn.Module, bool], float]], float | None]] = {}
 
     @staticmethod
     def _fan_in(layer: nn.Module, cin: float) -> float:
@@ -375,12 +386,31 @@ class MacModel:
 
     def remove(self, group: _Group, channels: int) -> None:
         """Predict the removal of ``channels`` root channels of ``group`` (updates :attr:`total`)."""
-        touched = {layer for layer, _, _ in group.dims if layer in self.coef}
-        self.total -= sum(self._macs(layer) for layer in touched)
-        for layer, out, ratio in group.dims:
-            if (layer, out) in self.width:
-                self.width[layer, out] -= channels * ratio
-        self.total += sum(self._macs(layer) for layer in touched)
+        touched, dims, rate = self._plans.get(id(group)) or self._plan(group)
+        if rate is not None:  # no other group reads these widths: they need no update
+            self.total -= channels * rate
+            return
+        for key, ratio in dims:
+            self.width[key] -= channels * ratio
+        for layer in touched:
+            now = self._macs(layer)
+            self.total += now - self.current[layer]
+            self.current[layer] = now
+
+    def _plan(self, group: _Group) -> tuple[list[nn.Module], list[tuple[tuple[nn.Module, bool], float]], float | None]:
+        """The group's modelled layers and dimensions, and its MACs per root channel when they change linearly
+        (each layer touched by this group alone, through one dimension), found once per step."""
+        touched = list(dict.fromkeys(layer for layer, _, _ in group.dims if layer in self.coef))
+        dims = [((layer, out), ratio) for layer, out, ratio in group.dims if (layer, out) in self.width]
+        rate = None
+        if all(self.touches[layer] == 1 for layer in touched):
+            for key, ratio in dims:
+                self.width[key] -= ratio
+            rate = sum(self.current[layer] - self._macs(layer) for layer in touched)
+            for key, ratio in dims:
+                self.width[key] += ratio
+        self._plans[id(group)] = plan = (touched, dims, rate)
+        return plan
 
     def kept(self) -> float:
         return self.total / self.ctx.dense_total
@@ -395,25 +425,24 @@ def _still_alive(groups: list[_Group], units: list[_Unit]) -> list[_Unit]:
 def _apply(
     dg: tp.DependencyGraph,
     groups: list[_Group],
-    chosen: dict[int, list[int]],
+    chosen: dict[int, list[tuple[int, ...]]],
     rest: list[_Unit],
     heads: dict[nn.Module, int],
     round_to: int | None,
     sync: Mapping[nn.Module, Callable[[int], None]],
     drop: Mapping[nn.Module, Callable[[list[int]], None]] | None = None,
 ) -> int:
-    """Prune the ``chosen`` root channels of each group (one Torch-Pruning group each, or the group's own ``prune``
-    when it is coupled by hand; head counts updated, and told to their modules through ``sync``; the per-head tensors
-    Torch-Pruning does not hold, as a Swin bias table, lose the same heads through ``drop``, once per attention
-    module); the channels removed."""
+    """Prune the ``chosen`` units (tuples of root channels) of each group (one Torch-Pruning group each, or the
+    group's own ``prune`` when it is coupled by hand; head counts updated, and told to their modules through ``sync``;
+    the per-head tensors Torch-Pruning does not hold, as a Swin bias table, lose the same heads through ``drop``,
+    once per attention module); the channels removed."""
     removed, drop = 0, drop or {}
-    pending_of: dict[int, list[int]] = {}
+    pending_of: dict[int, list[tuple[int, ...]]] = {}
     for u in rest:
-        pending_of.setdefault(u.group, []).extend(u.channels)
-    for gi, channels in chosen.items():
+        pending_of.setdefault(u.group, []).append(u.channels)
+    for gi, units in chosen.items():
         g = groups[gi]
-        pending = pending_of.get(gi, [])
-        channels = _round_removal(g, channels, pending, round_to)
+        channels = [c for unit in _round_removal(g, units, pending_of.get(gi, []), round_to) for c in unit]
         if not channels:
             continue
         gone = set(channels)
@@ -452,16 +481,29 @@ def channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
     return max(found)
 
 
-def _round_removal(group: _Group, chosen: list[int], pending: list[int], round_to: int | None) -> list[int]:
-    """Adjust ``chosen`` (root channels to drop) so the group's width stays a multiple of ``round_to``: add the
-    group's next-ranked ``pending`` channels, or, where that would cross the group's floor, drop fewer."""
+def _round_removal(
+    group: _Group, chosen: list[tuple[int, ...]], pending: list[tuple[int, ...]], round_to: int | None
+) -> list[tuple[int, ...]]:
+    """Adjust ``chosen`` (units to drop, each a tuple of root channels that go together) so the group's width stays
+    a multiple of ``round_to``: add the group's next-ranked ``pending`` units, or, where that would cross the group's
+    floor (or no whole units fit), drop the last chosen ones; units are never split (a channel tied to another,
+    :func:`_tied_units`, would take its partner along)."""
     if not round_to or group.unit_size > 1:
         return chosen
-    extra = (len(group.alive) - len(chosen)) % round_to
-    grown = chosen + pending[:extra]
-    if len(grown) == len(chosen) + extra and len(group.alive) - len(grown) >= group.min_channels:
+    left = len(group.alive) - sum(len(unit) for unit in chosen)
+    grown = list(chosen)
+    for unit in pending:
+        if left % round_to == 0 or left - len(unit) < group.min_channels:
+            break
+        grown.append(unit)
+        left -= len(unit)
+    if left % round_to == 0:
         return grown
-    return chosen[: max(0, len(chosen) - (round_to - extra))]
+    left = len(group.alive) - sum(len(unit) for unit in chosen)
+    kept = list(chosen)
+    while kept and left % round_to:
+        left += len(kept.pop())
+    return kept
 
 
 def remove_until(
@@ -500,36 +542,44 @@ def remove_until(
     return removed
 
 
-def _fits(group: _Group, picked: list[int], unit: _Unit) -> bool:
-    return len(group.alive) - len(picked) - len(unit.channels) >= group.min_channels
+def _fits(group: _Group, taken: int, unit: _Unit) -> bool:
+    """Whether ``unit`` may go from ``group``, which loses ``taken`` root channels already."""
+    return len(group.alive) - taken - len(unit.channels) >= group.min_channels
 
 
 def _choose_predicted(
     groups: list[_Group], queue: list[_Unit], model: MacModel, step_target: float
-) -> tuple[dict[int, list[int]], list[_Unit]]:
-    """Units in rank order until ``model`` predicts ``step_target``: ``({group: root channels}, units left)``."""
-    chosen: dict[int, list[int]] = {}
+) -> tuple[dict[int, list[tuple[int, ...]]], list[_Unit]]:
+    """Units in rank order until ``model`` predicts ``step_target``: ``({group: units' root channels}, units
+    left)``."""
+    chosen: dict[int, list[tuple[int, ...]]] = {}
+    taken: dict[int, int] = {}
     rest: list[_Unit] = []
     for unit in queue:
-        g, picked = groups[unit.group], chosen.setdefault(unit.group, [])
+        gi = unit.group
         if model.kept() <= step_target + 1e-12:
             rest.append(unit)
-        elif _fits(g, picked, unit):  # else blocked by the floor, now and later (groups only shrink)
-            picked.extend(unit.channels)
-            model.remove(g, len(unit.channels))
+        elif _fits(groups[gi], taken.get(gi, 0), unit):  # else blocked by the floor, now and later
+            chosen.setdefault(gi, []).append(unit.channels)
+            taken[gi] = taken.get(gi, 0) + len(unit.channels)
+            model.remove(groups[gi], len(unit.channels))
     return chosen, rest
 
 
-def _choose_budget(groups: list[_Group], queue: list[_Unit], budget: float) -> tuple[dict[int, list[int]], list[_Unit]]:
+def _choose_budget(
+    groups: list[_Group], queue: list[_Unit], budget: float
+) -> tuple[dict[int, list[tuple[int, ...]]], list[_Unit]]:
     """Units in rank order until their predicted cost covers ``budget`` (at least one)."""
-    chosen: dict[int, list[int]] = {}
+    chosen: dict[int, list[tuple[int, ...]]] = {}
+    taken: dict[int, int] = {}
     spent, rest = 0.0, []
     for unit in queue:
-        g, picked = groups[unit.group], chosen.setdefault(unit.group, [])
-        if not _fits(g, picked, unit):
+        gi = unit.group
+        if not _fits(groups[gi], taken.get(gi, 0), unit):
             continue  # blocked by the floor, now and later (groups only shrink)
         if spent == 0.0 or spent + unit.cost <= budget:
-            picked.extend(unit.channels)
+            chosen.setdefault(gi, []).append(unit.channels)
+            taken[gi] = taken.get(gi, 0) + len(unit.channels)
             spent += max(unit.cost, 1e-12)
         else:
             rest.append(unit)

@@ -244,13 +244,13 @@ def test_mac_model_predicts_a_kv_group_removal_exactly():
     model = Logits(gqa_llama())
     example = {"input_ids": token_batches()[0][0]["input_ids"][:1]}
     macs = macs_by_module(model, example, in_place=True)
-    ctx = _context(model, example, [model.model.score], (nn.Linear,), None, 1.0, True)
+    ctx, _ = _context(model, example, [model.model.score], (nn.Linear,), None, 1.0, True)
     ctx.dense_total = float(macs[""])
     scores = {n: torch.rand_like(p) for n, p in model.named_parameters()}
     groups, _ = rank_units(ctx, ParameterScoreImportance(model, scores))
     a = ctx.gqa[1]
     (group,) = [g for g in groups if g.root is a.k]
-    predicted = MacModel(ctx, macs)
+    predicted = MacModel(ctx, macs, groups)
     predicted.remove(group, a.head_dim)
     a.prune(list(range(a.head_dim)))  # key/value head 0 with its query group
     real = macs_by_module(model, example, in_place=True)[""]

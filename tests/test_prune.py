@@ -313,25 +313,57 @@ def test_grouped_convolutions_and_group_norm_lose_the_same_slots_in_every_group(
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
-def test_a_flops_target_is_met_with_one_real_count_per_step(monkeypatch):
+def test_a_flops_target_is_met_with_one_real_count_per_step():
     """The MACs are predicted from one count per step (conv/linear MACs are products of their widths), every
-    group is pruned once per step, and one real count checks each step: steps + 1 counts in all."""
-    import oba.flops
-
-    calls = []
-    real = oba.flops.macs_by_module
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("oba.prune.macs_by_module", counted)
+    group is pruned once per step, and one real count checks each step; the dense model is counted in
+    Torch-Pruning's tracing pass, which also checks example_inputs: steps + 1 passes of the model in all."""
     model = resnet20()
+    passes = []
+    hook = model.register_forward_pre_hook(lambda *_: passes.append(1))
     _, history = prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, steps=3, progress=False)
-    assert len(calls) == 3 + 1
+    hook.remove()
+    assert len(passes) == 3 + 1
     assert [round(h["flops_kept"], 9) <= round(h["target"], 9) for h in history[1:]] == [True] * 3
     assert history[-1]["flops_kept"] > 0.49  # and close: the prediction is exact for convolutions
     assert history[-1]["macs"] == count_flops(model, EXAMPLE).macs
+
+
+@pytest.mark.parametrize("build", [resnet20, small_vit])
+def test_counting_on_a_meta_replica_prunes_exactly_as_counting_in_place(build, monkeypatch):
+    """Large CPU models are counted on a meta replica (cheaper than their compute): the same counts, so the same
+    pruning, step by step; the model itself runs once (the tracing pass)."""
+    torch.manual_seed(0)
+    dense = build()
+    runs = {}
+    for threshold in (math.inf, 0):
+        monkeypatch.setattr(oba.prune._Measure, "META_ABOVE", threshold)
+        model = copy.deepcopy(dense)
+        passes = []
+        # hooks travel with the replica: count the passes with real tensors
+        hook = model.register_forward_pre_hook(lambda m, args: passes.append(args[0].device.type))
+        _, history = prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, steps=2, progress=False)
+        hook.remove()
+        runs[threshold] = ([(h["macs"], h["widths"], h["heads"]) for h in history], passes.count("cpu"))
+    assert runs[0][0] == runs[math.inf][0]
+    assert (runs[math.inf][1], runs[0][1]) == (3, 1)
+
+
+def test_a_model_that_reads_values_is_counted_by_running_it(monkeypatch):
+    """A forward pass that needs values fails on the meta device: the count falls back to running the model."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h.relu() if bool(h.sum() > -1e9) else h)
+
+    monkeypatch.setattr(oba.prune._Measure, "META_ABOVE", 0)
+    model = Gated()
+    _, history = prune_structured(model, torch.randn(2, 8), "magnitude", keep_flops=0.5, progress=False)
+    assert history[-1]["macs"] == 2 * (8 + 4) * model.a.out_features <= history[0]["macs"] // 2
 
 
 # ----------------------------------------------------------------------------- attention heads

@@ -11,6 +11,7 @@ warning names them); the rest of each model prunes.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 
@@ -22,6 +23,7 @@ from torch import nn
 import oba
 from oba.flops import count_flops
 from oba.prune_step import _tied_units
+from oba.target import TargetNotReachedError
 
 timm = pytest.importorskip("timm", reason="timm is in the 'models' extra (scripts/env.sh installs it)")
 
@@ -194,3 +196,22 @@ def test_exact_oba_differentiates_through_attention_bias_caches():
         batches=data(64), progress=False,
     )  # fmt: skip
     assert count_flops(model, example).macs / dense.macs <= KEEP + 1e-9
+
+
+def test_round_to_takes_tied_channels_in_whole_pairs():
+    """``round_to`` rounds a group's width with whole units: a tied pair is never split (Torch-Pruning would take the
+    partner along, beyond the rounding and the count of removed channels)."""
+    torch.manual_seed(0)
+    model = _GhostNet().eval()
+    example = torch.randn(1, 3, 8, 8)
+    _, history = oba.prune_structured(model, example, "magnitude", keep_flops=0.6, round_to=4, progress=False)
+    assert (model.stem.out_channels, model.ghost.primary.out_channels) == (4, 2)
+    assert sum(h["removed"] for h in history) == 8 - model.stem.out_channels
+    assert history[-1]["flops_kept"] <= 0.6
+
+    # widths 8, 6, 4, 2 in pairs: 6 is the only multiple of 3, and it keeps more than 0.7 of the MACs
+    model = _GhostNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TargetNotReachedError, match="round_to=3"):
+        oba.prune_structured(model, example, "magnitude", keep_flops=0.7, round_to=3, progress=False)
+    assert model.stem.out_channels == 8 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
