@@ -15,6 +15,8 @@ Hugging Face BERT/RoBERTa self-attention            ``query``, ``key``, ``value`
 Hugging Face ViT, LLaMA-style (``head_dim``)         ``q_proj``, ``k_proj``, ``v_proj``     ``num_attention_heads``
 timm Swin ``WindowAttention`` (bias table)          ``qkv`` (fused)                        ``num_heads``
 Hugging Face ``SwinAttention`` (``head_dim``)       ``q_proj``, ``k_proj``, ``v_proj``     ``num_attention_heads``
+torchvision Swin V1/V2, MaxViT (swapped, below)     ``qkv`` / ``to_qkv`` (fused)           ``num_heads`` /
+                                                                                           ``n_heads``
 Hugging Face GPT-2 ``GPT2Attention``                ``c_attn`` (fused, ``Conv1D``)         ``num_heads``,
                                                                                            ``split_size``
 LLaMA-style grouped-query attention                 ``k_proj``, ``v_proj`` (a key/value    none (derived)
@@ -39,8 +41,13 @@ table ``[(2W-1)^2, H]`` (its columns), V2's ``logit_scale`` ``[H, 1, 1]`` and th
 element-wise sum it can only map channel to channel, not channel to head; so these tensors are left out of its graph
 (``ignored_params``; the ``cpb_mlp`` layers as ``ignored_layers`` in tracing, :func:`per_head_tensors`) and oba
 removes the same heads from them when it removes heads from q, k and v (:meth:`AttentionHeads.drop_heads_at`,
-hand-written). torchvision's ``ShiftedWindowAttention`` computes its head width from the residual width
-(``C // num_heads``), so none of its heads can go: it is not listed, and its ``qkv`` is ignored (its MLPs prune).
+hand-written). torchvision's ``ShiftedWindowAttention`` (V1, V2) computes its head width from the residual width
+(``C // num_heads``) and MaxViT's ``RelativePositionalMultiHeadAttention`` reshapes its heads' output to the residual
+width, so none of their heads can go: they are not listed, and their ``qkv`` / ``to_qkv`` is ignored (MLP hidden
+units, and MaxViT's MBConv widths, prune). :func:`prunable_window_attention` (an explicit opt-in, as
+:func:`oba.models.torchvision_models.split_vit_attention` is for torchvision's ViT) swaps them for oba's modules
+(:mod:`oba.models.window_attention`: the same function, tensors and state dict keys, the head width fixed), whose
+heads prune with their bias table columns (and V2's ``logit_scale`` and ``cpb_mlp`` rows) as above.
 
 Grouped-query attention (fewer key/value heads than query heads: LLaMA-style ``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj`` with ``num_key_value_groups``, :func:`grouped_query_attention`) prunes whole key/value heads, each with its
@@ -78,6 +85,11 @@ from torch import nn
 from oba.hf_layers import dense_layer_types, is_conv1d
 from oba.models.torchvision_models import maxvit_pruning_ignored_layers, vit_pruning_ignored_layers
 from oba.models.vit import Attention
+from oba.models.window_attention import (
+    PrunableRelativePositionalAttention,
+    PrunableShiftedWindowAttention,
+    prunable_window_attention,
+)
 
 __all__ = [
     "AttentionHeads",
@@ -90,6 +102,7 @@ __all__ = [
     "grouped_query_attention",
     "layer_widths",
     "per_head_tensors",
+    "prunable_window_attention",
     "swin_pruning_ignored_layers",
 ]
 
@@ -201,6 +214,10 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
             heads = m.c_attn.nf // 3 // m.head_dim
             sync = _setter(m, num_heads=1, split_size=m.head_dim)
             found.append(AttentionHeads(m, [m.c_attn], 3, heads, sync, m.head_dim, split_by_width=True))
+        elif isinstance(m, PrunableShiftedWindowAttention):  # torchvision Swin V1/V2, after prunable_window_attention
+            found.append(_fixed_width_heads(m, m.qkv, "num_heads"))
+        elif isinstance(m, PrunableRelativePositionalAttention):  # torchvision MaxViT, after prunable_window_attention
+            found.append(_fixed_width_heads(m, m.to_qkv, "n_heads"))
         elif isinstance(m, _TORCHVISION_WINDOW_ATTENTION):
             continue  # its forward takes the head width from the residual width: no head can go
         elif _is_linear(getattr(m, "qkv", None)) and isinstance(getattr(m, "num_heads", None), int) and _bias_table(m):
@@ -228,6 +245,18 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
 
 
 _TORCHVISION_WINDOW_ATTENTION = torchvision.models.swin_transformer.ShiftedWindowAttention
+
+
+def _fixed_width_heads(m: nn.Module, qkv: nn.Linear, count: str) -> AttentionHeads:
+    """The heads of oba's torchvision window attention (:mod:`oba.models.window_attention`): a fused ``[q | k | v]``
+    ``qkv`` of ``3 h d`` outputs with ``d = m.head_dim`` fixed, the head count in attribute ``count``."""
+    heads = qkv.out_features // 3 // m.head_dim
+    return AttentionHeads(m, [qkv], 3, heads, _setter(m, **{count: 1}), m.head_dim, _per_head(m, heads))
+
+
+def _stock_window_attention(m: nn.Module) -> bool:
+    """A torchvision Swin ``ShiftedWindowAttention`` (V1 or V2) whose heads cannot go (not oba's)."""
+    return isinstance(m, _TORCHVISION_WINDOW_ATTENTION) and not isinstance(m, PrunableShiftedWindowAttention)
 
 
 def _bias_table(m: nn.Module) -> bool:
@@ -266,7 +295,7 @@ def per_head_tensors(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Modu
     ``cpb_mlp`` layers (its ``ignored_layers`` in tracing: the bias they compute is indexed by head, which the
     graph, coupling channels, cannot express)."""
     windows = [(a.module, a.per_head) for a in attention_heads(model)]
-    windows += [(m, _per_head(m, m.num_heads)) for m in model.modules() if isinstance(m, _TORCHVISION_WINDOW_ATTENTION)]
+    windows += [(m, _per_head(m, m.num_heads)) for m in model.modules() if _stock_window_attention(m)]
     params, layers = [], []
     for module, per_head in windows:
         params += [getattr(owner, name) for owner, name, _ in per_head]
@@ -377,17 +406,22 @@ def swin_pruning_ignored_layers(model: nn.Module) -> list[nn.Module]:
     of each block's MLP, and the classifier (the last ``nn.Linear``). Ignoring them keeps the residual width, as
     for a ViT (:func:`oba.models.torchvision_models.vit_pruning_ignored_layers`): whole heads and MLP hidden units
     prune. (torchvision's ``ShiftedWindowAttention`` takes its head width from the residual width, so its heads
-    stay: its ``qkv`` is ignored too, and only the MLP hidden units of such a model prune.)"""
+    stay: its ``qkv`` is ignored too, and only the MLP hidden units of such a model prune -- unless
+    :func:`prunable_window_attention` swapped it for oba's module, whose ``qkv`` prunes by whole heads.)"""
     names = {m: n for n, m in model.named_modules()}
-    windows = [m for m in model.modules() if isinstance(m, _TORCHVISION_WINDOW_ATTENTION)]
-    windows += [a.module for a in attention_heads(model) if a.per_head]
+    windows = [m for m in model.modules() if _stock_window_attention(m)]
+    windows += [
+        a.module
+        for a in attention_heads(model)
+        if a.per_head and not isinstance(a.module, PrunableRelativePositionalAttention)  # MaxViT: not a Swin
+    ]
     if not windows:
         return []
     ignored = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     ignored += [m.reduction for m in model.modules() if _is_linear(getattr(m, "reduction", None))]
     for attn in windows:
         ignored += [getattr(attn, n) for n in ("proj", "o_proj") if _is_linear(getattr(attn, n, None))]
-        if isinstance(attn, _TORCHVISION_WINDOW_ATTENTION):
+        if _stock_window_attention(attn):
             ignored.append(attn.qkv)
         block = model.get_submodule(names[attn].rpartition(".")[0])
         inside = set(attn.modules())

@@ -21,7 +21,7 @@ from oba.criteria import REGISTRY, Preparation
 from oba.hf_layers import is_conv1d
 from oba.io import load_torch, save_torch
 from oba.models import available, create, known
-from oba.prunable import attention_heads, layer_widths
+from oba.prunable import attention_heads, layer_widths, prunable_window_attention
 
 __all__ = ["PRUNED_FORMAT", "load_pruned", "resize_to_state_dict", "save_pruned"]
 
@@ -101,6 +101,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     for name, layers in prepared.items():
         _preparation(name, path).restore(model, layers)
     resize_to_state_dict(model, payload["state_dict"])
+    prunable_window_attention(model, if_pruned=True)  # torchvision Swin / MaxViT attention whose heads prune
     for attention in attention_heads(model):  # head counts follow the widths
         width = layer_widths(attention.projections[0])[""]  # out_features, or a Conv1D's nf
         attention.sync(width // attention.parts // attention.head_dim)

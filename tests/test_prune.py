@@ -340,7 +340,7 @@ def test_counting_on_a_meta_replica_prunes_exactly_as_counting_in_place(build, m
         model = copy.deepcopy(dense)
         passes = []
         # hooks travel with the replica: count the passes with real tensors
-        hook = model.register_forward_pre_hook(lambda m, args: passes.append(args[0].device.type))
+        hook = model.register_forward_pre_hook(lambda m, args, seen=passes: seen.append(args[0].device.type))
         _, history = prune_structured(model, EXAMPLE, "magnitude", keep_flops=0.5, steps=2, progress=False)
         hook.remove()
         runs[threshold] = ([(h["macs"], h["widths"], h["heads"]) for h in history], passes.count("cpu"))

@@ -48,6 +48,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 
 from .checkpoints import load_state_dict_strict
 from .vit import Attention
+from .window_attention import PrunableRelativePositionalAttention
 
 __all__ = [
     "PretrainedWeightsError",
@@ -210,10 +211,13 @@ def maxvit_pruning_ignored_layers(model: torchvision.models.MaxVit) -> list[nn.M
     """Layers of a torchvision MaxViT whose output channels :func:`oba.prune.prune_structured` keeps by default: the
     layers writing into the residual stream -- the stem, each MBConv's last convolution (``conv_c``) and shortcut
     projection, each attention's output (``merge``) and each MLP's second linear -- and the classifier's last linear.
-    Its ``RelativePositionalMultiHeadAttention`` reshapes its output to the residual width (``reshape(B, G, P, D)``),
-    so no head can go: its ``to_qkv`` is kept too. What prunes: the MBConv inner widths (expansion, depthwise,
-    squeeze-excitation) and the MLP hidden units. (The residual stream itself runs through window partitions, 4-D
-    reshapes along which Torch-Pruning's group search grows without bound.)"""
+    torchvision's ``RelativePositionalMultiHeadAttention`` reshapes its output to the residual width
+    (``reshape(B, G, P, D)``), so no head can go: its ``to_qkv`` is kept too; after
+    :func:`oba.models.window_attention.prunable_window_attention` (oba's
+    :class:`~oba.models.window_attention.PrunableRelativePositionalAttention`) its ``to_qkv`` prunes by whole heads.
+    What prunes: the MBConv inner widths (expansion, depthwise, squeeze-excitation), the MLP hidden units, and the
+    heads of oba's attention. (The residual stream itself runs through window partitions, 4-D reshapes along which
+    Torch-Pruning's group search grows without bound.)"""
     from torchvision.models.maxvit import MBConv, PartitionAttentionLayer, RelativePositionalMultiHeadAttention
 
     dense = (nn.modules.conv._ConvNd, nn.Linear)
@@ -222,7 +226,7 @@ def maxvit_pruning_ignored_layers(model: torchvision.models.MaxVit) -> list[nn.M
         if isinstance(m, MBConv):
             ignored += [m.layers.conv_c, *(c for c in m.proj.modules() if isinstance(c, dense))]
         elif isinstance(m, RelativePositionalMultiHeadAttention):
-            ignored += [m.to_qkv, m.merge]
+            ignored += [m.merge] if isinstance(m, PrunableRelativePositionalAttention) else [m.to_qkv, m.merge]
         elif isinstance(m, PartitionAttentionLayer):
             ignored += [c for c in m.mlp_layer.modules() if isinstance(c, nn.Linear)][-1:]
     ignored += [m for m in model.classifier.modules() if isinstance(m, nn.Linear)][-1:]
