@@ -8,10 +8,11 @@ For every model of the source (torchvision: ``torchvision.models.list_models(mod
 35 models of :data:`TIMM`, one or more per family; transformers: BERT, RoBERTa, GPT-2, LLaMA-style with grouped-
 query attention, ViT and Swin at the small configs of :data:`HF`, through ``oba.prunable.Logits``), at random
 initialisation and in eval mode, on synthetic inputs (4 images of 64x64; 224x224 where the architecture fixes it,
-96x96 for Inception-v3; 4 sequences of 64 tokens): prune with each criterion to 0.6 of the MACs in 2 steps of one
-scoring batch, then check that the pruned model runs, met the target, and saves and loads. One model and criterion
-per fresh subprocess (memory limit ``--memory-gb`` on its address space, ``--timeout`` seconds), so a failure or a
-memory blow-up is that row's result and its peak resident memory is its own.
+96x96 for Inception-v3; 4 sequences of 64 tokens; torchvision's Swin and MaxViT after
+``oba.prunable.prunable_window_attention``, so that their heads prune): prune with each criterion to 0.6 of the MACs
+in 2 steps of one scoring batch, then check that the pruned model runs, met the target, and saves and loads. One
+model and criterion per fresh subprocess (memory limit ``--memory-gb`` on its address space, ``--timeout``
+seconds), so a failure or a memory blow-up is that row's result and its peak resident memory is its own.
 
 Each row: model, family, source, criterion, status (``pass`` / ``fail``), the error's first line, MACs and
 parameters kept, time, peak memory (MB), CPU latency of the dense and the pruned model on one input
@@ -87,7 +88,7 @@ def _model_and_data(source: str, name: str):
     import torch
 
     import oba.models
-    from oba.prunable import Logits
+    from oba.prunable import Logits, prunable_window_attention
 
     g = torch.Generator().manual_seed(1)
     labels = [torch.randint(0, 10, (4,), generator=g) for _ in range(2)]
@@ -104,6 +105,8 @@ def _model_and_data(source: str, name: str):
         return Logits(inner), inner, arch, kwargs, example, list(zip(inputs, labels, strict=True))
     arch, kwargs = f"{source}:{name}", {"num_classes": 10}
     model = oba.models.create(arch, **kwargs).eval()
+    if source == "torchvision":  # Swin and MaxViT: heads prune after the opt-in swap (README); others unchanged
+        prunable_window_attention(model)
     side = 224 if source == "timm" and TIMM_224.match(name) else input_size(name)  # Inception-v3: 96 in both
     batches = [(torch.randn(4, 3, side, side, generator=g), y) for y in labels]
     return model, model, arch, kwargs, torch.randn(1, 3, side, side, generator=g), batches
