@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -40,7 +39,7 @@ from oba.batches import check_example_inputs, check_example_type, check_inputs_l
 from oba.cached_shapes import cached_shapes, sync_cached_shapes
 from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
-from oba.depgraph import prunable_groups
+from oba.depgraph import build_graph, prunable_groups
 from oba.flops import FlopCount, count_params, counted_forward, macs_by_module
 from oba.hf_layers import conv1d_type, customized_pruners
 from oba.prunable import (
@@ -337,8 +336,9 @@ def prune_structured(
         max_channel_sparsity: no layer loses more than this fraction of its initial channels (or heads).
         ignored_layers: layers whose output channels stay, as modules or names in ``model.named_modules()``
             (default :func:`oba.prunable.default_ignored_layers`). Groups Torch-Pruning cannot prune through (a
-            channel slice or split fixed in the model's code, a reshape of another dimension it mis-traces) are
-            kept whole as well, named in a ``UserWarning`` (:mod:`oba.depgraph`). Grouped-query attention
+            channel slice or split fixed in the model's code, a reshape of another dimension it mis-traces, an
+            operation it cannot map channels through, such as ShuffleNet's channel shuffle) are kept whole as well,
+            named in a ``UserWarning`` (:mod:`oba.depgraph`). Grouped-query attention
             (:class:`oba.prunable.GroupedQueryAttention`) loses whole key/value heads with their query groups unless
             its ``q_proj``, ``k_proj`` or ``v_proj`` is listed (and only with a criterion's importance, a
             :class:`oba.group_importance.ParameterScoreImportance`: with a Torch-Pruning ``Importance`` it stays).
@@ -365,8 +365,8 @@ def prune_structured(
             model, a GRU; batches that do not match ``example_inputs``; NaN/inf in a group's importance.
         oba.importance.NonFiniteScoreError: a scoring batch gave NaN/inf scores (named, with the parameter).
         TargetNotReachedError: everything left is capped or ignored before the target was met.
-        UnsupportedModelError: Torch-Pruning cannot trace the model's channel dependencies (e.g. ShuffleNet's
-            channel shuffle).
+        UnsupportedModelError: Torch-Pruning cannot trace the model's channel dependencies (its trace of the
+            forward fails; the error names the module that was running).
     """
     target = PruningTarget.from_arguments(
         keep_flops, keep_params, keep_channels, steps=steps, schedule=schedule, step_targets=step_targets
@@ -468,9 +468,9 @@ def _context(
 
     try:
         params, layers = per_head_tensors(model)  # pruned with the heads by oba, not coupled by Torch-Pruning
-        dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=forward, ignored_layers=layers, ignored_params=params,
-            verbose=False, customized_pruners=customized_pruners(),  # Hugging Face Conv1D (GPT-2): oba.hf_layers
+        dg, unmapped = build_graph(  # operations it cannot map channels through: kept whole by prunable_groups
+            model, example_inputs, forward_fn=forward, ignored_layers=layers, ignored_params=params, verbose=False,
+            customized_pruners=customized_pruners(),  # Hugging Face Conv1D (GPT-2): oba.hf_layers
         )  # fmt: skip
     except Exception as err:  # Torch-Pruning's tracing of the channel dependencies
         check_example_inputs(model, example_inputs)  # a BadBatchError if the model fails on the inputs themselves
@@ -482,7 +482,7 @@ def _context(
     ignored = [*ignored, *(p for a in gqa for p in (a.q, a.k, a.v, a.o) if p not in given)]
     gqa = [a for a in gqa if not {a.q, a.k, a.v} & given]
     splits = [a.projections[0] for a in attention_heads(model) if a.split_by_width]  # GPT-2's c_attn
-    unprunable, initial_width = prunable_groups(dg, ignored, root_types, names, splits)  # slices, splits, reshapes
+    unprunable, initial_width = prunable_groups(dg, ignored, root_types, names, splits, unmapped)  # slices, splits...
     ignored = [*ignored, *unprunable]
     initial_width.update({a.k: a.k.out_features for a in gqa})
     if sum(initial_width.values()) == 0:
@@ -511,16 +511,17 @@ class UnsupportedModelError(ValueError):
 
 
 def _untraceable(model: nn.Module, err: Exception) -> UnsupportedModelError:
+    """The error for a model whose channel dependencies Torch-Pruning cannot trace: it names the function that
+    raised ``err`` and the innermost module of ``model`` that was running then (none: outside its submodules)."""
     tb = traceback.extract_tb(err.__traceback__)
     where = tb[-1].name if tb else "?"
-    hint = (
-        " (a reshape or view that regroups channels, such as ShuffleNet's channel shuffle)"
-        if "reshape" in where or "view" in where
-        else ""
-    )
+    names = {m: n for n, m in model.named_modules()}
+    owners = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(err.__traceback__)]
+    inner = [m for m in owners if isinstance(m, nn.Module) and names.get(m)]
+    running = f" while running {names[inner[-1]]!r} ({type(inner[-1]).__name__})" if inner else ""
     return UnsupportedModelError(
         f"Torch-Pruning could not trace the channel dependencies of {type(model).__name__}: {type(err).__name__} "
-        f"in its {where}{hint}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}. Structured "
+        f"in its {where}{running}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}. Structured "
         "pruning of this model is not supported; nothing was changed. Unstructured pruning "
         "(oba.unstructured.prune_unstructured) works on any model."
     )

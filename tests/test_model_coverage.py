@@ -9,6 +9,8 @@ one computes with the removed heads' output silenced (so q, k, v and the output 
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -69,23 +71,136 @@ def test_torchvision_families_prune_to_the_target_and_run(name):
     prune_and_check(model, torch.randn(1, 3, side, side), data((3, side, side)))
 
 
-def test_a_model_torch_pruning_cannot_trace_is_refused_by_name_and_left_as_it_was():
+def shufflenet() -> nn.Module:
     import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+
+
+def reaching_the_shuffle(model: nn.Module) -> set[str]:
+    """The layers of torchvision's ShuffleNetV2 whose output channels reach a channel shuffle (``view``,
+    ``transpose``, ``view``), which Torch-Pruning cannot map: the last conv of every branch (a block's output is
+    shuffled) and the depthwise conv of the next stage's first block (it takes the shuffled channels as they are)."""
+    last = {n for n, _ in model.named_modules() if n.endswith((".branch2.5", ".0.branch1.2"))}
+    return last | {"stage3.0.branch1.0", "stage4.0.branch1.0"}
+
+
+def test_shufflenet_prunes_its_branches_and_keeps_the_shuffled_channels_whole():
+    model = shufflenet()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    before = {n: m.out_channels for n, m in convs.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_and_check(model, torch.randn(1, 3, 64, 64), data((3, 64, 64)))  # runs, meets the target
+    said = [str(w.message) for w in caught if "groups of channels are not pruned" in str(w.message)]
+    shuffle = r"'stage4\.3\.branch2\.5'.* reach ViewBackward0: Torch-Pruning could not map channels through it \(Zero"
+    assert len(said) == 1 and said[0].count("ViewBackward0") == 3 and re.search(shuffle, said[0]), said  # one a stage
+    after = {n: m.out_channels for n, m in convs.items()}
+    assert {n: after[n] for n in reaching_the_shuffle(model)} == {n: before[n] for n in reaching_the_shuffle(model)}
+    inner = [n for n in convs if n.endswith(".branch2.0")]
+    assert sum(after[n] for n in inner) < sum(before[n] for n in inner)
+
+
+def test_the_layers_kept_whole_in_shufflenet_are_exactly_those_reaching_a_channel_shuffle():
+    from oba.depgraph import build_graph, prunable_groups
+
+    model = shufflenet()
+    dg, unmapped = build_graph(model, torch.randn(1, 3, 64, 64), verbose=False)
+    assert [type(n.module).__name__ for n in unmapped] == ["_ReshapeOp"] * 3  # one failing view a stage
+    names = {m: n for n, m in model.named_modules()}
+    with pytest.warns(UserWarning, match="could not map channels"):
+        kept, widths = prunable_groups(dg, [model.fc], (nn.Conv2d, nn.Linear), names, unmapped=unmapped)
+    assert {names[m] for m in kept} == reaching_the_shuffle(model)
+    assert len(widths) == 16 + 2  # each block's inner branch width, the stem and the last conv
+
+
+def test_a_shufflenet_branch_loses_one_channel_exactly():
+    """One channel of a branch's inner width goes (``branch2.0``'s output, the depthwise ``branch2.3``, an input of
+    ``branch2.5``): the pruned model computes what the dense one computes without that input of ``branch2.5``."""
+    model = shufflenet()
+    branch, c = model.stage3[1].branch2, 5
+    prefix = {m: n for n, m in model.named_modules()}[branch]
+    scores = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    for name in (f"{prefix}.{i}.{kind}" for i in (0, 1, 3, 4) for kind in ("weight", "bias")):
+        if name in scores:
+            scores[name][c] = 1e-9
+    scores[f"{prefix}.5.weight"][:, c] = 1e-9
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.stage3[1].branch2[5].weight[:, c] = 0
+    imp = oba.group_importance.ParameterScoreImportance(model, scores)
+    others = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear) and m not in (branch[0], branch[3])]
+    width, x = branch[0].out_channels, torch.randn(2, 3, 64, 64)
+    oba.prune_structured(
+        model, x[:1], lambda m, b: imp, keep_channels=(width - 1) / width, steps=1, batches=[None],
+        ignored_layers=others, progress=False,
+    )  # fmt: skip
+    assert (branch[0].out_channels, branch[3].out_channels, branch[5].in_channels) == (width - 1,) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_flatten_beyond_torch_pruning_recursion_limit_keeps_the_layers_reaching_it_whole():
+    """600 element-wise operations between ``conv2`` and the flatten before ``fc``: Torch-Pruning's search for the
+    flattened channels stops at its recursion limit and leaves the flatten unmapped, which would prune one input of
+    ``fc`` for each channel of ``conv2`` (not its 16 positions). ``conv2`` is kept whole instead; ``conv1`` prunes."""
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 4 * 4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv2(self.conv1(x).relu())
+            for _ in range(600):
+                x = x.relu()
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    model = Deep().eval()
+    says = r"'conv2' reach ViewBackward0: Torch-Pruning could not map channels through it \(a channel search stops"
+    with pytest.warns(UserWarning, match=says):
+        oba.prune_structured(model, torch.randn(1, 3, 4, 4), "magnitude", keep_flops=0.8, progress=False)
+    assert (model.conv1.out_channels < 8, model.conv2.out_channels, model.fc.in_features) == (True, 4, 64)
+    assert model(torch.randn(2, 3, 4, 4)).shape == (2, 10)
+
+
+def test_a_model_torch_pruning_cannot_trace_is_refused_by_name_and_left_as_it_was():
+    """Torch-Pruning's trace of the forward fails (its hook reads ``.shape`` of a layer's output, here a dict): the
+    error names the layer that was running, and the model keeps its weights and has no hook left."""
+
+    class TaggedLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": super().forward(x)}
+
+    class Tagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.head = TaggedLinear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean((2, 3)))["logits"]
 
     from oba.prune import UnsupportedModelError
 
     torch.manual_seed(0)
-    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    model = Tagged().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    says = r"ShuffleNetV2.*channel shuffle.*nothing was changed.*unstructured"
+    says = r"Tagged: AttributeError in its _record_grad_fn while running 'head' \(TaggedLinear\).*nothing was changed"
     with pytest.raises(UnsupportedModelError, match=says):
-        oba.prune_structured(model, torch.randn(1, 3, 64, 64), "magnitude", keep_flops=0.6, progress=False)
+        oba.prune_structured(model, torch.randn(1, 3, 8, 8), "magnitude", keep_flops=0.6, progress=False)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf"])
-def test_exact_oba_scores_torchvision_models_with_hardsigmoid_and_grouped_convs(name):
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf", "shufflenet_v2_x0_5"])
+def test_exact_oba_scores_torchvision_models_with_hardsigmoid_grouped_convs_and_a_channel_shuffle(name):
     import torchvision
 
     torch.manual_seed(0)

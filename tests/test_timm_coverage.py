@@ -5,8 +5,10 @@ What each one exercises: GhostNet ties two root channels of its residual groups 
 channel ``k`` of ``x1``), which must go together; CSPNet splits channels with ``x.split(C // 2, dim=1)``; ReXNet slices
 channels (``cat([x[:, :C] + shortcut, x[:, C:]])``) and Torch-Pruning's traversal of those groups never ends;
 MLP-Mixer's token MLP runs on ``x.transpose(1, 2)``; LeViT and EfficientFormer split ``qkv`` along a head dimension;
-PoolFormer's ``Scale`` caches ``shape = (dim, 1, 1)``. The groups Torch-Pruning cannot prune through stay whole (a
-warning names them); the rest of each model prunes.
+PoolFormer's ``Scale`` caches ``shape = (dim, 1, 1)``; DPN concatenates channel slices of its dense path with a sum
+(``cat([x[:, :C] + out1, x[:, C:], out2])``), which Torch-Pruning's index mapping fails on (it cannot count the
+channels of a slice: ``oba.depgraph.build_graph`` maps the rest of the graph around it). The groups Torch-Pruning
+cannot prune through stay whole (a warning names them); the rest of each model prunes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ FAMILIES = {  # name: (create kwargs, input side, the groups kept whole); small 
         r"onto input index \d+ of 'stages\.3\.blocks\.\d\.token_mixer\.proj'",
     ),
     "poolformer_s12": ({}, 32, None),
+    "dpn68": ({}, 32, r"'features\.conv5_3\.c1x1_c\.conv'.* reach a channel slice"),
 }
 
 
