@@ -138,10 +138,12 @@ def prunable_groups(
     names: dict[nn.Module, str],
     split_roots: Collection[nn.Module] = (),
     unmapped: Mapping[Node, str] | None = None,
-) -> tuple[list[nn.Module], dict[nn.Module, int]]:
-    """``(layers, widths)``: the layers of the model (``names``) to ignore beyond ``ignored`` so that no group
-    Torch-Pruning cannot prune is pruned (module docstring), and the root and width of every group that prunes
-    (what ``dg.get_all_groups`` yields with both ignored), in one pass. Warns once, naming the groups kept whole.
+) -> tuple[list[nn.Module], dict[nn.Module, Any]]:
+    """``(layers, groups)``: the layers of the model (``names``) to ignore beyond ``ignored`` so that no group
+    Torch-Pruning cannot prune is pruned (module docstring), and ``{root: group}`` for every group that prunes
+    (what ``dg.get_all_groups`` yields with both ignored: the groups a rejected one would reach are visited with it,
+    so none of the groups kept holds a layer ignored after it was built), in one pass. Warns once, naming the groups
+    kept whole.
     ``split_roots``: fused head projections whose channel split follows the pruned width (GPT-2's ``c_attn``, split
     by ``split_size``, which oba updates with the heads): their groups prune through the split. (Torch-Pruning 1.6
     maps the root's k and v channels ``E + c``, ``2E + c`` onto the output projection's inputs without taking the
@@ -157,14 +159,14 @@ def prunable_groups(
             extra.extend(new)
             listed = ", ".join(repr(names[m]) for m in new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
             reasons.append(f"{listed} {what}")
-    widths: dict[nn.Module, int] = {}
+    groups: dict[nn.Module, Any] = {}
     for group in dg.get_all_groups(ignored_layers=[*ignored, *extra], root_module_types=root_types):
         reason = _unmappable(dg, group, names, group[0].dep.target.module in split_roots)
         if reason:  # its output-side layers are visited: no later group holds them
             extra.extend(m for m in _output_side(dg, group) if m in names and m not in extra)
             reasons.append(reason)
         else:
-            widths[group[0].dep.target.module] = len(group[0].idxs)
+            groups[group[0].dep.target.module] = group
     if reasons:
         more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
         warnings.warn(
@@ -172,7 +174,7 @@ def prunable_groups(
             f"prune through them: {'; '.join(reasons[:3])}{more}",
             stacklevel=3,
         )
-    return extra, widths
+    return extra, groups
 
 
 def _output_side(dg: tp.DependencyGraph, group) -> list[nn.Module]:

@@ -482,7 +482,8 @@ def _context(
     ignored = [*ignored, *(p for a in gqa for p in (a.q, a.k, a.v, a.o) if p not in given)]
     gqa = [a for a in gqa if not {a.q, a.k, a.v} & given]
     splits = [a.projections[0] for a in attention_heads(model) if a.split_by_width]  # GPT-2's c_attn
-    unprunable, initial_width = prunable_groups(dg, ignored, root_types, names, splits, unmapped)  # slices, splits...
+    unprunable, groups = prunable_groups(dg, ignored, root_types, names, splits, unmapped)  # slices, splits...
+    initial_width = {root: len(group[0].idxs) for root, group in groups.items()}
     ignored = [*ignored, *unprunable]
     initial_width.update({a.k: a.k.out_features for a in gqa})
     if sum(initial_width.values()) == 0:
@@ -494,6 +495,7 @@ def _context(
         head_parts={p: a.parts for p, a in layouts.items() if p in heads},
         head_sync={p: a.sync for p, a in layouts.items() if p in heads},
         head_drop={p: a.drop_heads_at for p, a in layouts.items() if p in heads and a.per_head}, gqa=gqa,
+        traced_groups=list(groups.values()),
     )  # fmt: skip
     return ctx, counted
 

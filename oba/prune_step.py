@@ -56,6 +56,9 @@ class StepContext:
     head_drop: dict[nn.Module, Callable[[list[int]], None]] = field(default_factory=dict)
     # grouped-query attention modules whose key/value heads prune (hand-coupled groups: _gqa_units)
     gqa: list[GroupedQueryAttention] = field(default_factory=list)
+    # the groups found while building the context (oba.depgraph.prunable_groups): the first ranking's, as the model
+    # has not changed since; used once (later steps search the pruned model's groups)
+    traced_groups: list[Any] | None = None
 
 
 def prune_step(
@@ -138,7 +141,11 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
     Torch-Pruning removes together (GhostNet's, :func:`_tied_units`) form one unit, scored by their mean."""
     groups: list[_Group] = []
     units: list[_Unit] = []
-    for group in ctx.dg.get_all_groups(ignored_layers=ctx.ignored, root_module_types=ctx.root_types):
+    found = ctx.traced_groups
+    if found is None:
+        found = ctx.dg.get_all_groups(ignored_layers=ctx.ignored, root_module_types=ctx.root_types)
+    ctx.traced_groups = None
+    for group in found:
         imp = importance(group)
         if imp is None:
             continue

@@ -110,9 +110,9 @@ def test_the_layers_kept_whole_in_shufflenet_are_exactly_those_reaching_a_channe
     assert [type(n.module).__name__ for n in unmapped] == ["_ReshapeOp"] * 3  # one failing view a stage
     names = {m: n for n, m in model.named_modules()}
     with pytest.warns(UserWarning, match="could not map channels"):
-        kept, widths = prunable_groups(dg, [model.fc], (nn.Conv2d, nn.Linear), names, unmapped=unmapped)
+        kept, groups = prunable_groups(dg, [model.fc], (nn.Conv2d, nn.Linear), names, unmapped=unmapped)
     assert {names[m] for m in kept} == reaching_the_shuffle(model)
-    assert len(widths) == 16 + 2  # each block's inner branch width, the stem and the last conv
+    assert len(groups) == 16 + 2  # each block's inner branch width, the stem and the last conv
 
 
 def test_a_shufflenet_branch_loses_one_channel_exactly():
@@ -335,3 +335,37 @@ def test_logits_turns_off_the_key_value_cache_of_a_decoder_so_it_traces():
     with torch.no_grad():
         assert Logits(gpt2)({"input_ids": ids}).shape == (1, 3)
         assert gpt2(input_ids=ids, use_cache=True).past_key_values is not None  # still the caller's choice
+
+
+@pytest.mark.parametrize(
+    "source, name, side, kwargs",
+    [
+        ("torchvision", "resnet18", 32, {}),
+        ("torchvision", "densenet121", 32, {}),
+        ("torchvision", "shufflenet_v2_x0_5", 64, {}),  # unmapped reshapes
+        ("timm", "rexnet_100", 32, {"width_mult": 0.5}),  # channel slices
+        ("timm", "cspresnet50", 32, {}),  # channel splits
+        ("timm", "ghostnet_050", 32, {}),  # tied channels, a no-op slice
+        ("timm", "mixer_s16_224", 32, {"img_size": 32}),  # a mis-traced transpose
+    ],
+)
+def test_the_first_step_ranks_the_groups_a_fresh_search_would_find(source, name, side, kwargs):
+    """The first step ranks the groups found while building the context (no second search of the unchanged
+    model): the same groups, members and indices as ``get_all_groups`` with every layer kept whole ignored."""
+    from oba.depgraph import build_graph, prunable_groups
+    from oba.prunable import default_ignored_layers
+
+    model = oba.models.create(f"{source}:{name}", num_classes=10, **kwargs).eval()
+    dg, unmapped = build_graph(model, torch.randn(1, 3, side, side), verbose=False)
+    names = {m: n for n, m in model.named_modules()}
+    ignored, roots = default_ignored_layers(model), (nn.modules.conv._ConvNd, nn.Linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept, groups = prunable_groups(dg, ignored, roots, names, unmapped=unmapped)
+    fresh = list(dg.get_all_groups(ignored_layers=[*ignored, *kept], root_module_types=roots))
+
+    def described(group) -> list:
+        return [(repr(dep), list(idxs)) for dep, idxs in group]
+
+    assert len(groups) > 0
+    assert [described(g) for g in groups.values()] == [described(g) for g in fresh]

@@ -127,8 +127,8 @@ def test_torchvision_swin_s_is_mapped_around_what_torch_pruning_cannot_map_and_i
     assert [type(n.module).__name__ for n in failed] == ["_ConcatOp"]
     assert any(type(n.module).__name__ == "_ReshapeOp" and "recursion limit" in why for n, why in unmapped.items())
     names = {m: n for n, m in model.named_modules()}
-    kept, widths = prunable_groups(dg, default_ignored_layers(model), (nn.Conv2d, nn.Linear), names, unmapped=unmapped)
-    assert kept == [] and sorted(names[m] for m in widths) == sorted(n for n in names.values() if n.endswith("mlp.0"))
+    kept, groups = prunable_groups(dg, default_ignored_layers(model), (nn.Conv2d, nn.Linear), names, unmapped=unmapped)
+    assert kept == [] and sorted(names[m] for m in groups) == sorted(n for n in names.values() if n.endswith("mlp.0"))
 
 
 def test_swin_v2_window_attention_tensors_left_out_of_the_graph():
