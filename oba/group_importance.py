@@ -179,6 +179,8 @@ class ParameterScoreImportance(tp.importance.Importance):
         self._module_names: dict[nn.Module, str] = {}
         self._scores: dict[str, Tensor] | None = None
         self._warned: set[str] = set()
+        # layer -> (its weight's shape, _dense_weight_score) for the current scores: a layer is read by two groups
+        self._dense: dict[nn.Module, tuple[tuple[int, ...], Tensor | None]] = {}
         if scores is not None:
             self.set_scores(scores)
 
@@ -197,6 +199,7 @@ class ParameterScoreImportance(tp.importance.Importance):
         for name, s in scores.items():
             self._check_shape(name, s, params[name])
         self._scores = {name: s.detach() for name, s in scores.items()}
+        self._dense = {}
 
     @property
     def scores(self) -> dict[str, Tensor] | None:
@@ -289,16 +292,22 @@ class ParameterScoreImportance(tp.importance.Importance):
 
         A grouped conv's weight ``[C_out, C_in/g, *k]`` becomes block-diagonal (filters of group ``i`` read
         input channels of group ``i`` only); a transposed conv's ``[C_in, C_out/g, *k]`` and a Hugging Face
-        ``Conv1D``'s ``[C_in, C_out]`` are transposed.
+        ``Conv1D``'s ``[C_in, C_out]`` are transposed. Kept for the current scores while the weight's shape stays.
         """
+        shape = tuple(getattr(getattr(layer, "weight", None), "shape", ()))
+        cached = self._dense.get(layer)
+        if cached is not None and cached[0] == shape:
+            return cached[1]
         w = self._param_score(layer, "weight")
-        if w is None:
-            return None
-        s = w.flatten(2).sum(2) if w.dim() > 2 else w
-        groups = int(getattr(layer, "groups", 1))
-        if groups > 1:
-            s = torch.block_diag(*s.reshape(groups, s.shape[0] // groups, s.shape[1]))
-        return s.T if getattr(layer, "transposed", False) or is_conv1d(layer) else s
+        s = None
+        if w is not None:
+            s = w.flatten(2).sum(2) if w.dim() > 2 else w
+            groups = int(getattr(layer, "groups", 1))
+            if groups > 1:
+                s = torch.block_diag(*s.reshape(groups, s.shape[0] // groups, s.shape[1]))
+            s = s.T if getattr(layer, "transposed", False) or is_conv1d(layer) else s
+        self._dense[layer] = (shape, s)
+        return s
 
     def _conv_linear(self, layer: nn.Module, is_out: bool) -> Tensor | None:
         d = self._dense_weight_score(layer)
@@ -336,12 +345,12 @@ class ParameterScoreImportance(tp.importance.Importance):
         if self._scores is None:
             raise RuntimeError("no scores: pass them to ParameterScoreImportance(...) or call set_scores(...)")
         root = _root_idxs(group[0])
-        position = {r: k for k, r in enumerate(root)}
+        position = None if root == list(range(len(root))) else {r: k for k, r in enumerate(root)}  # None: identity
         contributions: list[tuple[Tensor, Tensor]] = []  # (values [n_d], positions [n_d]) per dependency
         conv_linear: dict[nn.Module, dict[bool, tuple[Tensor, Tensor]]] = {}  # layer -> {is_out: (at, pos)}
         for i, (dep, idxs) in enumerate(group):
             root_idxs = _root_idxs(group[i])
-            if any(r is None for r in root_idxs):  # index mapping lost the root (e.g. GQA): as Torch-Pruning
+            if None in root_idxs:  # index mapping lost the root (e.g. GQA): as Torch-Pruning
                 continue
             per_channel = self._channel_scores(dep)
             if per_channel is None:
@@ -352,7 +361,8 @@ class ParameterScoreImportance(tp.importance.Importance):
                 inside = [k for k, i in enumerate(idxs) if i < width]
                 idxs, root_idxs = [idxs[k] for k in inside], [root_idxs[k] for k in inside]
             at = torch.as_tensor(idxs, dtype=torch.long, device=per_channel.device)
-            pos = torch.as_tensor([position[r] for r in root_idxs], dtype=torch.long, device=per_channel.device)
+            pos = root_idxs if position is None else [position[r] for r in root_idxs]
+            pos = torch.as_tensor(pos, dtype=torch.long, device=per_channel.device)
             contributions.append((per_channel[at], pos))
             if (end := _dense_end(dep.handler)) is not None:
                 conv_linear.setdefault(dep.target.module, {})[end] = (at, pos)
