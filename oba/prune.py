@@ -413,7 +413,7 @@ def _run(
     ctx.kind = target.kind
     ctx.dense_total = {"flops": dense.macs, "params": dense.params, "channels": total_channels}[target.kind]
     measure = _Measure(model, example_inputs, ctx, dense, total_channels)
-    if reference is None and getattr(scorer, "preparation", None) is None:
+    if traced:
         measure.seed(dense_macs)  # the model as counted: no second count for the step-0 record
     stream = _BatchStream(batches)
     history: list[dict[str, Any]] = [{"step": 0, "target": 1.0, "removed": 0, **measure.record()}]
