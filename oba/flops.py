@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from oba.arguments import check_whole_number
+from oba.batches import modes_restored
 
 __all__ = [
     "FlopCount",
@@ -107,14 +108,9 @@ def macs_by_module(
     """
     if not in_place:
         return _per_module(_run_counter(model, inputs_or_shape, device), type(model).__name__)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
+    with modes_restored(model), torch.no_grad():
         model.eval()
-        with torch.no_grad():
-            return counted_forward(model, inputs_or_shape)[1]
-    finally:
-        for m, mode in modes:
-            m.training = mode
+        return counted_forward(model, inputs_or_shape)[1]
 
 
 def counted_forward(
@@ -169,21 +165,16 @@ def latency_ms(model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str
     target, dtype = _device_and_dtype(model)
     args, kwargs = _call_arguments(inputs, dtype, target)
     sync = torch.cuda.synchronize if target.type == "cuda" else lambda: None
-    modes = [(m, m.training) for m in model.modules()]
     times = []
-    try:
+    with modes_restored(model), torch.inference_mode():
         model.eval()
-        with torch.inference_mode():
-            for run in range(repeats + 1):
-                sync()
-                start = time.perf_counter()
-                model(*args, **kwargs)
-                sync()
-                if run:  # the first pass warms up
-                    times.append(1000 * (time.perf_counter() - start))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+        for run in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            model(*args, **kwargs)
+            sync()
+            if run:  # the first pass warms up
+                times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
 
 

@@ -497,7 +497,7 @@ def _round_removal(
     :func:`_tied_units`, would take its partner along)."""
     if not round_to or group.unit_size > 1:
         return chosen
-    left = len(group.alive) - sum(len(unit) for unit in chosen)
+    left = remaining = len(group.alive) - sum(len(unit) for unit in chosen)
     grown = list(chosen)
     for unit in pending:
         if left % round_to == 0 or left - len(unit) < group.min_channels:
@@ -506,8 +506,7 @@ def _round_removal(
         left -= len(unit)
     if left % round_to == 0:
         return grown
-    left = len(group.alive) - sum(len(unit) for unit in chosen)
-    kept = list(chosen)
+    left, kept = remaining, list(chosen)
     while kept and left % round_to:
         left += len(kept.pop())
     return kept

@@ -168,13 +168,14 @@ class PrunableShiftedWindowAttention(ShiftedWindowAttention):
         x = F.pad(x, (0, 0, 0, -width % ww, 0, -height % wh))
         padded = x.shape[1:3]
         shift = [s if w < p else 0 for s, w, p in zip((sh, sw), (wh, ww), padded, strict=True)]
-        if sum(shift) > 0:
+        shifted = sum(shift) > 0
+        if shifted:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        mask = _shift_mask(padded, (wh, ww), shift, x) if sum(shift) > 0 else None
+        mask = _shift_mask(padded, (wh, ww), shift, x) if shifted else None
         y = self._attend(_windows(x, wh, ww), mask)  # [B n_W, N, C]
         y = y.view(batch, padded[0] // wh, padded[1] // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5)
         y = y.reshape(batch, padded[0], padded[1], -1)
-        if sum(shift) > 0:
+        if shifted:
             y = torch.roll(y, shifts=(shift[0], shift[1]), dims=(1, 2))
         return y[:, :height, :width, :].contiguous()
 
