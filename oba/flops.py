@@ -7,7 +7,8 @@ LayerNorm, activations, softmax, pooling, residual additions) is not counted, as
 pruning literature's MAC tables. Hence ``macs = flops // 2``, the number usually quoted as
 "FLOPs" in papers (e.g. ResNet-50: 4.1 G).
 
-Counting runs one forward pass (in eval mode, without autograd) on a deep copy of the model,
+Counting runs one forward pass (in eval mode, without autograd) on a deep copy of the model, with
+``FlopCounterMode``'s formulas attributed to the modules running (``_MacCounter``),
 by default on the ``meta`` device, where tensors have shapes but no data: a ViT-B/16 counts in
 about a second and the caller's model is never touched. Because only shapes matter, this
 works equally for models whose layers were shrunk by torch-pruning.
@@ -20,16 +21,20 @@ size once; :attr:`FlopCount.nonzero_params` counts the unmasked nonzero entries.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from oba.arguments import check_whole_number
 from oba.batches import modes_restored
@@ -82,10 +87,10 @@ def count_flops(
     Returns:
         A :class:`FlopCount` for one forward pass of the whole batch.
     """
-    flops = _run_counter(model, inputs_or_shape, device).get_total_flops()
+    macs = _run_counter(model, inputs_or_shape, device)[""]
     return FlopCount(
-        macs=flops // 2,
-        flops=flops,
+        macs=macs,
+        flops=2 * macs,
         params=count_params(model),
         nonzero_params=count_nonzero_params(model),
     )
@@ -107,7 +112,7 @@ def macs_by_module(
     forward hooks run; for callers that own the model (the pruning loop).
     """
     if not in_place:
-        return _per_module(_run_counter(model, inputs_or_shape, device), type(model).__name__)
+        return _run_counter(model, inputs_or_shape, device)
     with modes_restored(model), torch.no_grad():
         model.eval()
         return counted_forward(model, inputs_or_shape)[1]
@@ -117,7 +122,7 @@ def counted_forward(
     model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str, Any]
 ) -> tuple[Any, dict[str, int]]:
     """``model`` run once on ``inputs`` as it is (its modes and autograd as the caller set them) under
-    ``FlopCounterMode``: ``(output, MACs per module)``, the latter as :func:`macs_by_module` gives them. For a caller
+    the counter: ``(output, MACs per module)``, the latter as :func:`macs_by_module` gives them. For a caller
     that runs the model anyway: the pruning loop counts the dense model in Torch-Pruning's tracing pass.
     ``nn.MultiheadAttention``'s fused inference kernel, which the counter does not see, is off for the pass."""
     target, dtype = _device_and_dtype(model)
@@ -125,35 +130,124 @@ def counted_forward(
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with FlopCounterMode(display=False) as counter:
+        with _counting(model) as counter:
             out = model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return out, _per_module(counter, type(model).__name__)
+    return out, counter.macs()
 
 
-def _per_module(counter: FlopCounterMode, root: str) -> dict[str, int]:
-    """MACs per module name (``""``: the total) of a counter's pass over a model of class name ``root``."""
-    result = {}
-    for key, per_op in counter.get_flop_counts().items():
-        if key == "Global":
-            continue
-        name = "" if key == root else key.removeprefix(root + ".")
-        result[name] = sum(per_op.values()) // 2
-    result[""] = counter.get_total_flops() // 2
-    return result
+class _MacCounter(TorchDispatchMode):
+    r"""The FLOPs of every operation :class:`~torch.utils.flop_counter.FlopCounterMode` has a formula for (its
+    ``flop_registry``; an operation without one is decomposed first, as there), added to the module running it and
+    to every module enclosing it: :meth:`macs` gives ``{name in model.named_modules(): flops // 2}`` with ``""`` the
+    total, the same counts as ``FlopCounterMode``'s per-module table. The running modules are followed with
+    global forward pre/post hooks, attached for the block only (:func:`_counting`); ``FlopCounterMode``'s module
+    tracker also hooks the backward pass, whose per-tensor hooks cost more than the count itself in a pass with
+    autograd (Torch-Pruning's tracing).
+
+    On the ``meta`` device an operation's output is a function of its inputs' shapes, strides and dtypes and its other
+    arguments alone; many of its shape functions run in Python (``native_layer_norm`` near a millisecond a call), so
+    the outputs of an operation that neither writes nor aliases its inputs are remembered for the pass: a model's
+    repeated blocks (ViT-B/16's twelve) compute each shape once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.on_meta = _device_and_dtype(model)[0].type == "meta"
+        self.names = {m: n for n, m in model.named_modules()}
+        self.running: list[str] = []
+        self.flops: dict[str, int] = {}
+        self.total = 0
+        self._shapes: dict[tuple, Any] = {}  # (operation, its arguments' key) -> the outputs' (size, stride, dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is None and func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = self._on_meta(func, args, kwargs)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            self.total += flops
+            for name in set(self.running):
+                if name is not None:
+                    self.flops[name] = self.flops.get(name, 0) + flops
+        return out
+
+    def macs(self) -> dict[str, int]:
+        return {**{name: f // 2 for name, f in self.flops.items()}, "": self.total // 2}
+
+    def _on_meta(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """``func(*args, **kwargs)``; on meta tensors, outputs of a pure operation seen with the same arguments'
+        metadata are made anew (empty meta tensors) instead of running its shape function again."""
+        key = _meta_key(func, args, kwargs) if self.on_meta else None
+        if key is None:
+            return func(*args, **kwargs)
+        if key not in self._shapes:
+            out = func(*args, **kwargs)
+            leaves, spec = pytree.tree_flatten(out)
+            if not all(isinstance(t, Tensor) and t.is_meta for t in leaves):
+                return out
+            self._shapes[key] = ([(t.shape, t.stride(), t.dtype) for t in leaves], spec)
+            return out
+        metas, spec = self._shapes[key]
+        made = [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in metas]
+        return pytree.tree_unflatten(made, spec)
+
+
+def _meta_key(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+    """A key of ``func`` applied to ``args``/``kwargs`` that fixes its outputs' metadata, or ``None`` where it may not:
+    an operation that writes or aliases an argument (in-place, ``out=``, views), a tensor not on the meta device, an
+    argument that is neither a tensor nor a plain value."""
+    schema = func._schema
+    if schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+        return None
+    key: list[Any] = [func]
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, Tensor):
+            if not leaf.is_meta:
+                return None
+            key.append((tuple(leaf.shape), leaf.stride(), leaf.storage_offset(), leaf.dtype))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format)):
+            key.append((type(leaf), leaf))
+        else:
+            return None
+    return (*key, pytree.tree_structure((args, kwargs)))
+
+
+@contextlib.contextmanager
+def _counting(model: nn.Module) -> Iterator[_MacCounter]:
+    """A :class:`_MacCounter` of ``model`` active for the block, with the hooks that follow the running modules."""
+    counter = _MacCounter(model)
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        counter.running.append(counter.names.get(module))
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:  # returns None: the output stays
+        counter.running.pop()
+
+    hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+    try:
+        with counter:
+            yield counter
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _run_counter(
     model: nn.Module, inputs_or_shape: Tensor | Sequence[Tensor] | Sequence[int] | torch.Size, device
-) -> FlopCounterMode:
-    """One forward pass of a replica of ``model`` under ``FlopCounterMode``; returns the counter."""
+) -> dict[str, int]:
+    """MACs per module (:class:`_MacCounter`) of one forward pass of a replica of ``model``."""
     replica = _replicate(model, device)
     target, dtype = _device_and_dtype(replica)
     args, kwargs = _call_arguments(inputs_or_shape, dtype, target)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _counting(replica) as counter:
         replica(*args, **kwargs)
-    return counter
+    return counter.macs()
 
 
 def latency_ms(model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str, Any], repeats: int = 10) -> float:

@@ -149,3 +149,76 @@ def test_latency_is_the_median_of_timed_passes_in_eval_mode_and_restores_the_mod
     assert seen == [(False, True)] * 4 and model.training
     with pytest.raises(ValueError, match="repeats must be a whole number"):
         latency_ms(model, torch.ones(2), repeats=0)
+
+
+def _flop_counter_table(model, x, grad):
+    """MACs per module name (``""``: total) as torch's own FlopCounterMode counts them on ``model(x)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    root = type(model).__name__
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # as counted_forward: the fused kernel is invisible to counters
+    try:
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    table = {
+        ("" if k == root else k.removeprefix(root + ".")): sum(ops.values()) // 2
+        for k, ops in counter.get_flop_counts().items()
+        if k != "Global"
+    }
+    return {**table, "": counter.get_total_flops() // 2}
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("case", ["resnet18", "vit", "mha", "conv_transpose_sdpa"])
+def test_per_module_counts_equal_flop_counter_mode(case, grad):
+    """oba's counter (global module hooks, no backward tracking) gives FlopCounterMode's table, module by module,
+    in a pass with autograd (Torch-Pruning's tracing) and without; nested, reused and functional-only work included;
+    on a meta replica too, where repeated operations reuse their outputs' shapes."""
+    import torchvision
+
+    from oba.flops import counted_forward, macs_by_module
+
+    torch.manual_seed(0)
+    if case == "resnet18":
+        model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
+    elif case == "vit":
+        model = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)
+        x = torch.randn(1, 3, 32, 32)
+    elif case == "mha":  # one module called twice, attention done in F.multi_head_attention_forward
+        mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        class Twice(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attn, self.head = mha, nn.Linear(16, 3)
+
+            def forward(self, x):
+                return self.head(self.attn(self.attn(x, x, x)[0], x, x)[0])
+
+        model, x = Twice(), torch.randn(2, 5, 16)
+    else:
+
+        class Up(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.up, self.proj = nn.ConvTranspose2d(3, 8, 2, stride=2), nn.Linear(8, 24)
+
+            def forward(self, x):
+                t = self.up(x).flatten(2).transpose(1, 2)
+                q, k, v = self.proj(t).chunk(3, -1)
+                return nn.functional.scaled_dot_product_attention(q, k, v)
+
+        model, x = Up(), torch.randn(1, 3, 4, 4)
+    model.eval()
+    expected = _flop_counter_table(model, x, grad)
+    with torch.set_grad_enabled(grad):
+        _, got = counted_forward(model, x)
+    assert got == expected
+    assert got[""] > 0
+    assert macs_by_module(model, x) == expected  # on meta
+    from torch.nn.modules import module as module_module
+
+    assert not module_module._global_forward_hooks and not module_module._global_forward_pre_hooks
