@@ -27,6 +27,8 @@ name                what                                                routes
 ``kron_obd``        K-FAC diagonal cost of a channel                      structured
 ``kron_obs``        K-FAC OBS cost of a channel (compensated)             structured
 ``eigendamage``     OBD in the K-FAC eigenbasis of reparametrised layers  structured
+``block_taylor``    :math:`g^\top\delta_u + \frac12 \delta_u^\top H_{uu} \delta_u`, a unit     structured
+                    removed alone (:mod:`oba.block_taylor`)
 ==================  ==================================================  ========================================
 
 Adding a criterion is one record in :data:`REGISTRY` (plus, for a new formula, its function in
@@ -46,6 +48,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from oba import importance
+from oba.block_taylor import BlockTaylorImportance
 from oba.curvature import Batch, LossFn, Params, flatten_params, unflatten_params
 from oba.eigendamage import EigenbasisPreparation, eigendamage_importance
 from oba.empirical_fisher import woodfisher_scores
@@ -153,6 +156,11 @@ def _kron_importance(kind: str) -> Callable[[CriterionScorer, nn.Module, Sequenc
     return structured
 
 
+def _block_taylor(s: CriterionScorer, model: nn.Module, batches: Sequence[Batch]) -> Importance:
+    """Loss changes on one scale, signed: ranked raw (the scorer's normaliser and group reduction do not apply)."""
+    return BlockTaylorImportance(model, s.loss_fn, batches, progress=s.progress, **s.options)
+
+
 def _eigendamage(s: CriterionScorer, model: nn.Module, batches: Sequence[Batch]) -> Importance:
     return eigendamage_importance(
         model, s.loss_fn, batches, **s.options, normalizer=s.normalizer, group_reduction=s.group_reduction,
@@ -246,6 +254,12 @@ REGISTRY: Mapping[str, Criterion] = MappingProxyType(
                 frozenset({"data", "kfac_factors", "reparametrisation"}),
                 frozenset({"sampled", "damping", "seed", "layers"}), structured=_eigendamage,
                 preparation=EigenbasisPreparation(), preparation_options=frozenset({"layers"}),
+            ),
+            Criterion(
+                "block_taylor", "g.delta_u + 1/2 delta_u^T H_uu delta_u: the loss change of removing unit u alone "
+                "(exact, or K sign probes per batch)", options=frozenset(
+                    {"probes", "curvature", "first_order", "seed", "hvp_method"}
+                ), structured=_block_taylor,
             ),
         )
     }

@@ -342,6 +342,45 @@ class ParameterScoreImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group: Any) -> Tensor | None:
         """Importance of each root channel of ``group``: ``Tensor[len(group[0].idxs)]``, or None."""
+        imp = self.signed(group)
+        if imp is None:
+            return None
+        return _normalize(imp.abs() if self.absolute else imp, self.normalizer)
+
+    def spread(self, group: Any, values: Tensor) -> dict[str, Tensor]:
+        r"""The adjoint of the ``"sum"`` rule on ``group``: ``{name: tensor shaped like the parameter}`` holding, at
+        each parameter entry, the sum of ``values[k]`` over the root channels :math:`k` that own it (each once; zero
+        where none does): :math:`\sum_k \text{values}[k]\, m_k` with :math:`m_k` the 0/1 indicator of
+        :math:`P(k) = \bigcup_d P_d(k)`. So :math:`m_k^\top S` is channel :math:`k`'s signed ``"sum"`` score of any
+        per-parameter ``S``, and ``spread(group, e_k)`` is the set of entries removing channel :math:`k` deletes (a
+        unit's perturbation :math:`\delta_k = -\theta \odot m_k`, :mod:`oba.block_taylor`). Computed by autograd
+        through the same rule; only the scored parameters' names (the model's, when no scores are set) appear."""
+        return self.spread_many([(group, values)])
+
+    def spread_many(self, pairs: Iterable[tuple[Any, Tensor]]) -> dict[str, Tensor]:
+        """:meth:`spread` of several ``(group, values)``, added up: one backward pass for all of them."""
+        pairs = list(pairs)
+        params = dict(self.model.named_parameters())
+        names = params if self._scores is None else self._scores
+        dtype = pairs[0][1].dtype if pairs else torch.float64
+        probe = {n: torch.zeros_like(params[n], dtype=dtype, requires_grad=True) for n in names}
+        rule = ParameterScoreImportance(self.model, group_reduction="sum", normalizer=None, absolute=False)
+        rule._scores = probe  # not set_scores, which detaches
+        rule._module_names = self._module_names
+        total = None
+        with torch.enable_grad():
+            for group, values in pairs:
+                sums = rule.signed(group)
+                if sums is not None:
+                    total = _add(total, (sums * values.to(sums.dtype)).sum())
+        if total is None:
+            return {}
+        grads = torch.autograd.grad(total, list(probe.values()), allow_unused=True)
+        return {n: g for n, g in zip(probe, grads, strict=True) if g is not None}
+
+    def signed(self, group: Any) -> Tensor | None:
+        """The signed, reduced, unnormalised channel scores of ``group`` (:meth:`__call__` before ``|.|`` and the
+        normaliser), differentiable in the scores; ``None`` when the group holds no scored parameter."""
         if self._scores is None:
             raise RuntimeError("no scores: pass them to ParameterScoreImportance(...) or call set_scores(...)")
         root = _root_idxs(group[0])
@@ -371,10 +410,7 @@ class ParameterScoreImportance(tp.importance.Importance):
         crossings = [
             self._crossing(layer, ends[True], ends[False]) for layer, ends in conv_linear.items() if len(ends) == 2
         ]
-        imp = self._reduce(contributions, crossings, len(root))
-        if self.absolute:
-            imp = imp.abs()
-        return _normalize(imp, self.normalizer)
+        return self._reduce(contributions, crossings, len(root))
 
     @torch.no_grad()
     def coupled_linear(self, members: Sequence[tuple[nn.Module, bool, Sequence[int]]], size: int) -> Tensor | None:

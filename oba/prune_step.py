@@ -138,14 +138,20 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
     """Every prunable group of the current model with its units (channels or whole heads), and all units in
     removal order: by normalised score (global ranking) or by rank within their group (``global_ranking=False``),
     each with its predicted cost (fraction of the dense total) and the floor its group may not go below. Root channels
-    Torch-Pruning removes together (GhostNet's, :func:`_tied_units`) form one unit, scored by their mean."""
+    Torch-Pruning removes together (GhostNet's, :func:`_tied_units`) form one unit, scored by their mean. An importance
+    with ``observe_groups(groups, units)`` is first shown every group and its units (tuples of root channels) at once
+    (:class:`oba.block_taylor.BlockTaylorImportance` draws its probes jointly)."""
     groups: list[_Group] = []
     units: list[_Unit] = []
     found = ctx.traced_groups
     if found is None:
         found = ctx.dg.get_all_groups(ignored_layers=ctx.ignored, root_module_types=ctx.root_types)
     ctx.traced_groups = None
-    for group in found:
+    layouts = [(group, _layout(ctx, group)) for group in found]
+    observe = getattr(importance, "observe_groups", None)
+    if observe is not None:
+        observe([group for group, _ in layouts], [layout.channels for _, layout in layouts])
+    for group, layout in layouts:
         imp = importance(group)
         if imp is None:
             continue
@@ -154,38 +160,58 @@ def rank_units(ctx: StepContext, importance: Callable[[Any], Tensor | None]) -> 
         if len(imp) != n:
             raise RuntimeError(f"the importance returned {len(imp)} scores for a group of {n} channels")
         _check_finite(imp, root, ctx.names)
-        heads_of = [
-            d.target.module
-            for d, _ in group
-            if d.target.module in ctx.num_heads and ctx.dg.is_out_channel_pruning_fn(d.handler)
-        ]
-        init = ctx.initial_width.get(root, n)
-        # a unit: d channels of each of `parts` equal parts of the group's channels, the same d in every part
-        if heads_of:  # a whole head: of each part ([q | k | v] of a fused projection, else one), the same head
-            parts = ctx.head_parts.get(heads_of[0], 1)
-            d = n // parts // ctx.num_heads[heads_of[0]]
-        else:  # a channel; with grouped convolutions or GroupNorm, the same slot of every channel group
-            parts, d = channel_groups(ctx.dg, group), 1
-        size = parts * d
+        parts, d = layout.parts, layout.d
         scores = imp.detach().double().reshape(parts, -1, d).mean((0, 2))  # per channel, comparable across units
-        min_channels = _floor(init, size, ctx.max_sparsity)
+        if layout.tied is not None:
+            scores = torch.stack([scores[members].mean() for members in layout.tied])
+        min_channels = _floor(ctx.initial_width.get(root, n), parts * d, ctx.max_sparsity)
         cost = _unit_cost(ctx.dg, group, ctx.kind) / ctx.dense_total  # per root channel
         gi = len(groups)
-        groups.append(_Group(root, handler, list(range(n)), min_channels, size, heads_of, _dims(ctx.dg, group, n)))
-        channels = (
-            [(u,) for u in range(n)]
-            if size == 1
-            else [_unit_channels(u, d, n // parts, parts) for u in range(n // size)]
-        )
-        if _may_tie(group):
-            tied = _tied_units(ctx.dg, root, handler, channels)
-            if len(tied) < len(channels):
-                scores = torch.stack([scores[members].mean() for members in tied])
-                channels = [tuple(c for u in members for c in channels[u]) for members in tied]
-        _add_units(units, gi, scores, channels, cost, ctx.global_ranking)
+        dims = _dims(ctx.dg, group, n)
+        groups.append(_Group(root, handler, list(range(n)), min_channels, parts * d, layout.heads_of, dims))
+        _add_units(units, gi, scores, layout.channels, cost, ctx.global_ranking)
     _gqa_units(ctx, importance, groups, units)
     units.sort(key=_by_key)  # stable: equal keys keep group order
     return groups, units
+
+
+@dataclass
+class _Layout:
+    """How a group's root channels form units: ``d`` channels of each of ``parts`` equal parts of the channels (the
+    same ``d`` in every part), merged where Torch-Pruning ties units together (``tied``: unit indices that go as
+    one); ``channels``: every unit's root channels; ``heads_of``: the q/k/v layers when units are heads."""
+
+    heads_of: list[nn.Module]
+    parts: int
+    d: int
+    channels: list[tuple[int, ...]]
+    tied: list[list[int]] | None = None
+
+
+def _layout(ctx: StepContext, group: Any) -> _Layout:
+    n = len(group[0].idxs)
+    heads_of = [
+        d.target.module
+        for d, _ in group
+        if d.target.module in ctx.num_heads and ctx.dg.is_out_channel_pruning_fn(d.handler)
+    ]
+    if heads_of:  # a whole head: of each part ([q | k | v] of a fused projection, else one), the same head
+        parts = ctx.head_parts.get(heads_of[0], 1)
+        d = n // parts // ctx.num_heads[heads_of[0]]
+    else:  # a channel; with grouped convolutions or GroupNorm, the same slot of every channel group
+        parts, d = channel_groups(ctx.dg, group), 1
+    size = parts * d
+    channels = (
+        [(u,) for u in range(n)] if size == 1 else [_unit_channels(u, d, n // parts, parts) for u in range(n // size)]
+    )
+    layout = _Layout(heads_of, parts, d, channels)
+    if _may_tie(group):
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        tied = _tied_units(ctx.dg, root, handler, channels)
+        if len(tied) < len(channels):
+            layout.tied = tied
+            layout.channels = [tuple(c for u in members for c in channels[u]) for members in tied]
+    return layout
 
 
 _by_key = operator.attrgetter("key")

@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "oba.cbs": CRITERIA,
     "oba.eigendamage": CRITERIA,
     "oba.masks": CRITERIA,  # unstructured masks and Fisher blocks, read by oba.criteria's weight scores
+    "oba.block_taylor": CRITERIA,
     "oba.criteria": CRITERIA,
     # 3 -- pruning: structured and unstructured pruners, targets, saving and loading pruned models.
     "oba.prunable": PRUNING,
