@@ -28,8 +28,8 @@ cross-curvature with every other unit, as if all of them left together.
   (:func:`oba.curvature.ggn_vp`; positive semi-definite for a convex loss, so the quadratic part is :math:`\ge 0`).
 
 A unit of one weight is the diagonal case: :math:`g_i \delta_i + \tfrac12 H_{ii} \delta_i^2`, OBD with its
-first-order term, and the estimator becomes Hutchinson's diagonal estimate (``obd_hessian`` with
-``method="hutchinson"``); no separate single-weight route is needed.
+first-order term, and the estimator becomes Hutchinson's diagonal estimate: :func:`weight_values`, the criterion's
+per-parameter and unstructured routes (``oba.score(..., "block_taylor")``, ranked by the signed value).
 
 Units are the pruner's: a channel, or several channels that go together -- an attention head, the same slot of every
 group of a grouped convolution, GhostNet's tied pairs -- whose channels share one sign and whose values add up to the
@@ -48,11 +48,11 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oba.curvature import Batch, LossFn, Params, ggn_vp, gradient, hvp, select_params
+from oba.curvature import Batch, LossFn, Params, ggn_vp, gradient, hessian_diagonal, hvp, select_params
 from oba.group_importance import ParameterScoreImportance
 from oba.importance import NonFiniteScoreError
 
-__all__ = ["CURVATURES", "BlockTaylorImportance", "block_taylor"]
+__all__ = ["CURVATURES", "BlockTaylorImportance", "block_taylor", "weight_values"]
 
 CURVATURES = ("hessian", "gauss_newton")
 
@@ -233,3 +233,43 @@ class BlockTaylorImportance(tp.importance.Importance):
         if key not in self._values:
             self._values[key] = block_taylor(self.model, self.loss_fn, self.batches, [group], **self.options)[0]
         return self._values[key]
+
+
+def weight_values(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    theta: Params,
+    *,
+    generator: torch.Generator,
+    probes: int | None = 4,
+    curvature: str = "hessian",
+    first_order: bool = True,
+    max_exact: int = 2_000,
+    **_: Any,
+) -> Params:
+    r"""One batch of the single-weight case (:data:`oba.importance.PerBatchScore`): per weight
+    :math:`-\theta_i g_i + \tfrac12 \theta_i^2 C_{ii}`, with :math:`C_{ii}` the exact Hessian diagonal
+    (``probes=None``, models of at most ``max_exact`` scored parameters) or ``probes`` Rademacher probes
+    :math:`z \odot Cz` (Hutchinson; for ``curvature="gauss_newton"`` the GGN's, probes only)."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature == "hessian":
+        method = "exact" if probes is None else "hutchinson"
+        diag = hessian_diagonal(
+            model, loss_fn, batch, list(theta), method=method, samples=probes or 1, max_exact=max_exact,
+            generator=generator,
+        )  # fmt: skip
+    elif probes is None:
+        raise ValueError("block_taylor per weight with curvature='gauss_newton' estimates the diagonal: pass probes")
+    else:
+        diag = {n: torch.zeros_like(t) for n, t in theta.items()}
+        for _ in range(probes):
+            z = {n: (torch.randint(0, 2, t.shape, generator=generator) * 2 - 1).to(t) for n, t in theta.items()}
+            gz = ggn_vp(model, loss_fn, batch, z, list(theta))
+            diag = {n: diag[n] + z[n] * gz[n] / probes for n in theta}
+    out = {n: 0.5 * t**2 * diag[n] for n, t in theta.items()}
+    if first_order:
+        g = gradient(model, loss_fn, batch, list(theta))
+        out = {n: v - theta[n] * g[n] for n, v in out.items()}
+    return out

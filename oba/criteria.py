@@ -27,8 +27,9 @@ name                what                                                routes
 ``kron_obd``        K-FAC diagonal cost of a channel                      structured
 ``kron_obs``        K-FAC OBS cost of a channel (compensated)             structured
 ``eigendamage``     OBD in the K-FAC eigenbasis of reparametrised layers  structured
-``block_taylor``    :math:`g^\top\delta_u + \frac12 \delta_u^\top H_{uu} \delta_u`, a unit     structured
-                    removed alone (:mod:`oba.block_taylor`)
+``block_taylor``    the loss change of removing one unit (or weight)      parameter, structured, unstructured
+                    alone: :math:`g^\top\delta_u + \frac12\delta_u^\top H_{uu}\delta_u`
+                    (:mod:`oba.block_taylor`)
 ==================  ==================================================  ========================================
 
 Adding a criterion is one record in :data:`REGISTRY` (plus, for a new formula, its function in
@@ -48,7 +49,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from oba import importance
-from oba.block_taylor import BlockTaylorImportance
+from oba.block_taylor import BlockTaylorImportance, weight_values
 from oba.curvature import Batch, LossFn, Params, flatten_params, unflatten_params
 from oba.eigendamage import EigenbasisPreparation, eigendamage_importance
 from oba.empirical_fisher import woodfisher_scores
@@ -180,6 +181,15 @@ def _parameter_weights(
     return OrderedDict(zip([f"{n}.weight" for n in layers], s.values(), strict=True))
 
 
+def _signed_weights(
+    c: Criterion, model: nn.Module, layers: Mapping[str, nn.Module], loss_fn, batches, max_batches, progress, options
+) -> OrderedDict[str, Tensor]:
+    """The signed per-weight scores (a predicted loss change: the lowest, possibly negative, go first)."""
+    params = [f"{n}.{weight_name(m)}" for n, m in layers.items()]
+    s = score(model, loss_fn, batches, c.name, params=params, max_batches=max_batches, progress=progress, **options)
+    return OrderedDict(zip([f"{n}.weight" for n in layers], s.values(), strict=True))
+
+
 def _published_weights(
     c: Criterion, model: nn.Module, layers: Mapping[str, nn.Module], loss_fn, batches, max_batches, progress, options
 ) -> OrderedDict[str, Tensor]:
@@ -259,7 +269,7 @@ REGISTRY: Mapping[str, Criterion] = MappingProxyType(
                 "block_taylor", "g.delta_u + 1/2 delta_u^T H_uu delta_u: the loss change of removing unit u alone "
                 "(exact, or K sign probes per batch)", options=frozenset(
                     {"probes", "curvature", "first_order", "seed", "hvp_method"}
-                ), structured=_block_taylor,
+                ), per_batch=weight_values, structured=_block_taylor, weights=_signed_weights,
             ),
         )
     }

@@ -185,3 +185,43 @@ def test_the_pruner_shows_every_group_and_its_head_units_at_once():
     assert head_units, "no group was handed over with multi-channel (head) units"
     for us in head_units:
         assert len(us) == 3 and len({len(u) for u in us}) == 1  # 3 heads of equal width
+
+
+def test_single_weights_are_the_diagonal_case():
+    """A unit of one weight: -theta g + 1/2 theta^2 H_ii, exact with probes=None; Hutchinson's estimate (and the GGN's)
+    converges to it; the unstructured route masks the lowest signed values."""
+    from oba.unstructured import prune_unstructured
+
+    case = make_case("mlp_gelu")
+    theta = select_params(case.model)
+    flat, h = flatten_params(theta), _dense(case)
+    g = flatten_params(gradient(case.model, case.loss_fn, case.batch))
+    expected = -flat * g + 0.5 * flat**2 * h.diagonal()
+    exact = flatten_params(
+        oba.score(case.model, case.loss_fn, [case.batch], "block_taylor", probes=None, progress=False)
+    )
+    torch.testing.assert_close(exact, expected)
+    probed = flatten_params(
+        oba.score(case.model, case.loss_fn, [case.batch] * 20, "block_taylor", probes=20, progress=False)
+    )
+    sd = 0.5 * flat**2 * (((h**2).sum(1) - h.diagonal() ** 2) / 400).sqrt()  # Hutchinson's, 400 probes
+    assert bool(((probed - expected).abs() <= 5 * sd + 1e-12).all())
+    with pytest.raises(ValueError, match="probes"):
+        oba.score(case.model, case.loss_fn, [case.batch], "block_taylor", probes=None, curvature="gauss_newton")
+    basis = torch.eye(flat.numel(), dtype=torch.float64)
+    ggn = torch.stack(
+        [flatten_params(ggn_vp(case.model, case.loss_fn, case.batch, unflatten_params(e, theta))) for e in basis]
+    )
+    gn = oba.score(
+        case.model, case.loss_fn, [case.batch] * 20, "block_taylor", probes=20, curvature="gauss_newton",
+        first_order=False, progress=False,
+    )  # fmt: skip
+    sd = 0.5 * flat**2 * (((ggn**2).sum(1) - ggn.diagonal() ** 2) / 400).sqrt()
+    assert bool(((flatten_params(gn) - 0.5 * flat**2 * ggn.diagonal()).abs() <= 5 * sd + 1e-12).all())
+    masks = prune_unstructured(
+        case.model, criterion="block_taylor", sparsity=0.3, loss_fn=case.loss_fn, batches=[case.batch], probes=None,
+        progress=False,
+    )  # fmt: skip
+    layer, mask = next(iter(masks.items()))
+    values = oba.score(case.model, case.loss_fn, [case.batch], "block_taylor", probes=None, progress=False)
+    assert mask.float().mean() < 1 and values[layer.replace("weight", "weight_orig")][~mask.bool()].numel() > 0
