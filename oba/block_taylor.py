@@ -40,6 +40,7 @@ this criterion.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from oba.batches import modes_restored
 from oba.curvature import Batch, LossFn, Params, ggn_vp, gradient, hessian_diagonal, hvp, select_params
 from oba.group_importance import ParameterScoreImportance
 from oba.importance import NonFiniteScoreError
@@ -212,12 +214,26 @@ class BlockTaylorImportance(tp.importance.Importance):
     :func:`oba.prune_structured` shows it every group of a step and its units at once (:meth:`observe_groups`), so the
     estimate's signs are drawn jointly over all units: ``probes`` HVPs per batch in all, and a head's channels share
     one sign. Called on a group it has not seen, it scores that group alone, channel by channel (signs over its
-    channels only: still unbiased).
+    channels only: still unbiased). It scores with every module in the mode it had when the importance was created
+    (the pruner's ``score_mode``), although that work happens when the groups are shown, and counts its time in
+    :attr:`scoring_seconds`.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], **options: Any) -> None:
         self.model, self.loss_fn, self.batches, self.options = model, loss_fn, list(batches), options
         self._values: dict[tuple[nn.Module, Callable], Tensor | None] = {}
+        self.modes = {m: m.training for m in model.modules()}  # the pruner's score_mode, set while it is created
+        self.scoring_seconds = 0.0  # spent scoring (the pruner adds it to its step's scoring time)
+
+    def _scores(self, groups: Sequence[Any], units: Sequence[Sequence[tuple[int, ...]]] | None) -> list[Tensor | None]:
+        """:func:`block_taylor` of ``groups``, every module in the mode it had when this importance was created."""
+        start = time.perf_counter()
+        with modes_restored(self.model):
+            for m, training in self.modes.items():
+                m.training = training
+            values = block_taylor(self.model, self.loss_fn, self.batches, groups, units=units, **self.options)
+        self.scoring_seconds += time.perf_counter() - start
+        return values
 
     @staticmethod
     def _key(group: Any) -> tuple[nn.Module, Callable]:
@@ -225,13 +241,12 @@ class BlockTaylorImportance(tp.importance.Importance):
 
     def observe_groups(self, groups: Sequence[Any], units: Sequence[Sequence[tuple[int, ...]]] | None = None) -> None:
         """Score every group of the current model together (one joint draw of signs per probe)."""
-        values = block_taylor(self.model, self.loss_fn, self.batches, groups, units=units, **self.options)
-        self._values = {self._key(g): v for g, v in zip(groups, values, strict=True)}
+        self._values = {self._key(g): v for g, v in zip(groups, self._scores(groups, units), strict=True)}
 
     def __call__(self, group: Any) -> Tensor | None:
         key = self._key(group)
         if key not in self._values:
-            self._values[key] = block_taylor(self.model, self.loss_fn, self.batches, [group], **self.options)[0]
+            self._values[key] = self._scores([group], None)[0]
         return self._values[key]
 
 

@@ -189,6 +189,8 @@ class _Layout:
 
 
 def _layout(ctx: StepContext, group: Any) -> _Layout:
+    """The units of ``group``: whole heads where its layers hold heads, else channels (one slot of every channel group
+    of a grouped convolution), merged where Torch-Pruning ties them (:func:`_tied_units`)."""
     n = len(group[0].idxs)
     heads_of = [
         d.target.module

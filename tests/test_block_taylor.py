@@ -225,3 +225,28 @@ def test_single_weights_are_the_diagonal_case():
     layer, mask = next(iter(masks.items()))
     values = oba.score(case.model, case.loss_fn, [case.batch], "block_taylor", probes=None, progress=False)
     assert mask.float().mean() < 1 and values[layer.replace("weight", "weight_orig")][~mask.bool()].numel() > 0
+
+
+@pytest.mark.parametrize("score_mode", ["train", "eval"])
+def test_the_pruner_scores_in_its_score_mode_and_counts_the_time_as_scoring(score_mode, monkeypatch):
+    """The work happens when rank_units shows the groups, after the pruner restored the modes: the importance applies
+    the modes it was created in, and reports its time as the step's scoring time."""
+    import oba.block_taylor as bt
+
+    case = make_case("cnn_bn_eval")
+    model = case.model.eval()
+    seen = []
+    original = bt.block_taylor
+
+    def spy(m, *args, **kwargs):
+        seen.append({mod.training for mod in m.modules()})
+        return original(m, *args, **kwargs)
+
+    monkeypatch.setattr(bt, "block_taylor", spy)
+    _, history = oba.prune_structured(
+        model, case.batch[0], "block_taylor", keep_flops=0.8, steps=1, batches=[case.batch], loss_fn=case.loss_fn,
+        ignored_layers=[model[-1]], score_mode=score_mode, progress=False,
+    )  # fmt: skip
+    assert seen == [{score_mode == "train"}]
+    assert not model.training  # restored
+    assert history[-1]["score_seconds"] > 0 and history[-1]["prune_seconds"] > 0
