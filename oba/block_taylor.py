@@ -127,8 +127,9 @@ class _BlockTaylor:
         self.units = [[(c,) for c in range(k)] for k in sizes] if units is None else [list(u) for u in units]
         if len(self.units) != len(self.groups):
             raise ValueError(f"units: one list per group expected, got {len(self.units)} for {len(self.groups)}")
-        self.owned = [self._per_channel(g, {n: torch.ones_like(t) for n, t in self.theta.items()}) for g in self.groups]
-        self.totals = [None if o is None else torch.zeros_like(o) for o in self.owned]
+        ones = {n: torch.ones_like(t) for n, t in self.theta.items()}
+        owned = [self._per_channel(g, ones) for g in self.groups]  # None: the group owns no scored parameter
+        self.totals = [None if o is None else torch.zeros_like(o) for o in owned]
         self.batches = 0
 
     def _per_channel(self, group: Any, scores: Params) -> Tensor | None:
@@ -157,6 +158,8 @@ class _BlockTaylor:
         quad = [torch.zeros(len(g[0].idxs), dtype=torch.float64) for g in self.groups]
         if probes is None:
             for gi, (group, units) in enumerate(zip(self.groups, self.units, strict=True)):
+                if self.totals[gi] is None:
+                    continue
                 for unit in units:
                     values: list[Tensor | None] = [None] * len(self.groups)
                     values[gi] = torch.zeros_like(quad[gi])
@@ -168,7 +171,7 @@ class _BlockTaylor:
             signs = [self._signs(gi, generator) for gi in range(len(self.groups))]
             r = self._times(batch, self._delta(signs))
             for gi, group in enumerate(self.groups):
-                if self.owned[gi] is not None:
+                if self.totals[gi] is not None:
                     quad[gi] += signs[gi] * self._per_channel(group, r) / probes
         return quad
 
