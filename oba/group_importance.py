@@ -343,9 +343,7 @@ class ParameterScoreImportance(tp.importance.Importance):
     def __call__(self, group: Any) -> Tensor | None:
         """Importance of each root channel of ``group``: ``Tensor[len(group[0].idxs)]``, or None."""
         imp = self.signed(group)
-        if imp is None:
-            return None
-        return _normalize(imp.abs() if self.absolute else imp, self.normalizer)
+        return None if imp is None else self._finish(imp)
 
     def spread(self, group: Any, values: Tensor) -> dict[str, Tensor]:
         r"""The adjoint of the ``"sum"`` rule on ``group``: ``{name: tensor shaped like the parameter}`` holding, at
@@ -381,8 +379,7 @@ class ParameterScoreImportance(tp.importance.Importance):
     def signed(self, group: Any) -> Tensor | None:
         """The signed, reduced, unnormalised channel scores of ``group`` (:meth:`__call__` before ``|.|`` and the
         normaliser), differentiable in the scores; ``None`` when the group holds no scored parameter."""
-        if self._scores is None:
-            raise RuntimeError("no scores: pass them to ParameterScoreImportance(...) or call set_scores(...)")
+        self._require_scores()
         root = _root_idxs(group[0])
         position = None if root == list(range(len(root))) else {r: k for k, r in enumerate(root)}  # None: identity
         contributions: list[tuple[Tensor, Tensor]] = []  # (values [n_d], positions [n_d]) per dependency
@@ -420,8 +417,7 @@ class ParameterScoreImportance(tp.importance.Importance):
         ``i`` (a row with its bias entry, or a column) goes with root channel ``root[i]``; the members' signed sums are
         reduced (``group_reduction``), made absolute (``absolute``) and normalised as a group's. ``Tensor[size]``, or
         ``None`` when no member is scored."""
-        if self._scores is None:
-            raise RuntimeError("no scores: pass them to ParameterScoreImportance(...) or call set_scores(...)")
+        self._require_scores()
         contributions = []
         for layer, out, root in members:
             handler = tpf.prune_linear_out_channels if out else tpf.prune_linear_in_channels
@@ -431,7 +427,14 @@ class ParameterScoreImportance(tp.importance.Importance):
                 contributions.append((per_channel, torch.as_tensor(list(root), device=per_channel.device)))
         if not contributions:
             return None
-        imp = self._reduce(contributions, [], size)
+        return self._finish(self._reduce(contributions, [], size))
+
+    def _require_scores(self) -> None:
+        if self._scores is None:
+            raise RuntimeError("no scores: pass them to ParameterScoreImportance(...) or call set_scores(...)")
+
+    def _finish(self, imp: Tensor) -> Tensor:
+        """Signed root-channel sums -> the importance: ``|.|`` when ``absolute``, then the normaliser."""
         return _normalize(imp.abs() if self.absolute else imp, self.normalizer)
 
     def _crossing(

@@ -74,7 +74,7 @@ grouped-query attention's ``o_proj`` (:func:`default_ignored_layers`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -289,12 +289,15 @@ def _per_head(m: nn.Module, heads: int) -> list[tuple[nn.Module, str, int]]:
     return found
 
 
-def per_head_tensors(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Module]]:
+def per_head_tensors(
+    model: nn.Module, heads: Sequence[AttentionHeads] | None = None
+) -> tuple[list[nn.Parameter], list[nn.Module]]:
     """What Torch-Pruning must leave out of its dependency graph because oba prunes it with the heads
     (:meth:`AttentionHeads.drop_per_head`): the per-head parameters (its ``ignored_params``) and the Swin V2
     ``cpb_mlp`` layers (its ``ignored_layers`` in tracing: the bias they compute is indexed by head, which the
-    graph, coupling channels, cannot express)."""
-    windows = [(a.module, a.per_head) for a in attention_heads(model)]
+    graph, coupling channels, cannot express). ``heads``: :func:`attention_heads` of ``model``, when the caller
+    has them already."""
+    windows = [(a.module, a.per_head) for a in (attention_heads(model) if heads is None else heads)]
     windows += [(m, _per_head(m, m.num_heads)) for m in model.modules() if _stock_window_attention(m)]
     params, layers = [], []
     for module, per_head in windows:

@@ -469,8 +469,9 @@ def _context(
         counted.update(macs)
         return out
 
+    found = attention_heads(model)
     try:
-        params, layers = per_head_tensors(model)  # pruned with the heads by oba, not coupled by Torch-Pruning
+        params, layers = per_head_tensors(model, found)  # pruned with the heads by oba, not coupled by Torch-Pruning
         dg, unmapped = build_graph(  # operations it cannot map channels through: kept whole by prunable_groups
             model, example_inputs, forward_fn=forward, ignored_layers=layers, ignored_params=params, verbose=False,
             customized_pruners=customized_pruners(),  # Hugging Face Conv1D (GPT-2): oba.hf_layers
@@ -484,7 +485,7 @@ def _context(
     gqa, given = grouped_query_attention(model), set(ignored)
     ignored = [*ignored, *(p for a in gqa for p in (a.q, a.k, a.v, a.o) if p not in given)]
     gqa = [a for a in gqa if not {a.q, a.k, a.v} & given]
-    splits = [a.projections[0] for a in attention_heads(model) if a.split_by_width]  # GPT-2's c_attn
+    splits = [a.projections[0] for a in found if a.split_by_width]  # GPT-2's c_attn
     unprunable, groups = prunable_groups(dg, ignored, root_types, names, splits, unmapped)  # slices, splits...
     initial_width = {root: len(group[0].idxs) for root, group in groups.items()}
     ignored = [*ignored, *unprunable]
@@ -492,7 +493,7 @@ def _context(
     if sum(initial_width.values()) == 0:
         raise ValueError("no prunable group: every layer is ignored or unsupported")
     heads = dict(default_num_heads(model) if num_heads is None else num_heads)
-    layouts = {p: a for a in attention_heads(model) for p in a.projections}
+    layouts = {p: a for a in found for p in a.projections}
     ctx = StepContext(
         dg, names, ignored, root_types, initial_width, heads, max_channel_sparsity, global_ranking, "flops", 0.0,
         head_parts={p: a.parts for p, a in layouts.items() if p in heads},
