@@ -98,7 +98,7 @@ from torch_pruning.pruner import function as tpf
 
 from oba.hf_layers import Conv1DPruner, is_conv1d
 
-__all__ = ["DEFAULT_NORMALIZER", "ParameterScoreImportance", "StaleScoresError", "group_scores", "head_scores"]
+__all__ = ["DEFAULT_NORMALIZER", "ParameterScoreImportance", "StaleScoresError", "head_scores"]
 
 Scores = Mapping[str, Tensor]
 Normalizer = str | Callable[[Tensor], Tensor] | None
@@ -532,36 +532,3 @@ def head_scores(channel_scores: Tensor, num_heads: int, absolute: bool = True) -
     """
     per_head = channel_scores.reshape(num_heads, -1).sum(1)
     return per_head.abs() if absolute else per_head
-
-
-def group_scores(
-    model: nn.Module,
-    example_inputs: Any,
-    scores: Scores,
-    *,
-    ignored_layers: Sequence[nn.Module] = (),
-    root_module_types: Iterable[type] = (nn.modules.conv._ConvNd, nn.Linear),
-    unwrapped_parameters: Any = None,
-    **importance_kwargs: Any,
-) -> dict[str, Tensor]:
-    """Channel scores of every pruning group of ``model``, keyed by the root module's name (for notebooks).
-
-    Builds a ``tp.DependencyGraph`` on ``example_inputs`` and applies :class:`ParameterScoreImportance`
-    (``importance_kwargs``: ``group_reduction``, ``normalizer`` -- default ``None`` here: raw scores for analysis,
-    not the pruning default -- and ``absolute``) to each group
-    ``DG.get_all_groups(...)`` yields; groups without scored parameters are left out.
-
-    Returns:
-        ``{root module name: Tensor[out channels of the root]}``.
-    """
-    dg = tp.DependencyGraph().build_dependency(
-        model, example_inputs=example_inputs, unwrapped_parameters=unwrapped_parameters, verbose=False
-    )
-    importance = ParameterScoreImportance(model, scores, **{"normalizer": None, **importance_kwargs})
-    names = {m: n for n, m in model.named_modules()}
-    result: dict[str, Tensor] = {}
-    for group in dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=tuple(root_module_types)):
-        imp = importance(group)
-        if imp is not None:
-            result[names[group[0].dep.target.module]] = imp
-    return result

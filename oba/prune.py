@@ -41,6 +41,7 @@ from oba.criteria import Scorer, as_scorer, make_scorer
 from oba.curvature import Batch, LossFn
 from oba.depgraph import build_graph, prunable_groups
 from oba.flops import FlopCount, count_params, counted_forward, macs_by_module
+from oba.group_importance import ParameterScoreImportance
 from oba.hf_layers import conv1d_type, customized_pruners
 from oba.prunable import (
     attention_heads,
@@ -59,6 +60,7 @@ __all__ = [
     "TargetNotReachedError",
     "UnsupportedModelError",
     "default_ignored_layers",
+    "group_scores",
     "layer_widths",
     "load_pruned",
     "make_scorer",
@@ -502,6 +504,38 @@ def _context(
         traced_groups=list(groups.values()),
     )  # fmt: skip
     return ctx, counted
+
+
+def group_scores(
+    model: nn.Module,
+    example_inputs: Any,
+    scores: Mapping[str, Tensor],
+    *,
+    ignored_layers: Sequence[nn.Module] = (),
+    root_module_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear),
+    **importance_kwargs: Any,
+) -> dict[str, Tensor]:
+    """Channel scores of every group :func:`prune_structured` would rank, keyed by the root module's name (analysis).
+
+    The groups are the pruner's: traced by :func:`oba.depgraph.build_graph` (around operations Torch-Pruning cannot
+    map channels through) and filtered by :func:`oba.depgraph.prunable_groups` (the layers such operations couple
+    stay whole and are left out, with a ``UserWarning``; so are grouped-query attention projections, which oba
+    couples by hand). Each group is scored from the per-parameter ``scores`` (``{name: tensor shaped like the
+    parameter}``) by :class:`~oba.group_importance.ParameterScoreImportance` (``importance_kwargs``:
+    ``group_reduction``, ``absolute`` and ``normalizer`` -- default ``None`` here: raw sums for analysis, not the
+    pruning default); groups without a scored parameter are left out. Nothing of ``model`` changes.
+
+    Returns:
+        ``{root module name: Tensor[out channels of the root]}``.
+    """
+    ctx, _ = _context(model, example_inputs, list(ignored_layers), root_module_types, None, 1.0, True)
+    importance = ParameterScoreImportance(model, scores, **{"normalizer": None, **importance_kwargs})
+    result: dict[str, Tensor] = {}
+    for group in ctx.traced_groups:
+        imp = importance(group)
+        if imp is not None:
+            result[ctx.names[group[0].dep.target.module]] = imp
+    return result
 
 
 def _with_conv1d(root_types: tuple[type, ...]) -> tuple[type, ...]:

@@ -15,9 +15,9 @@ from oba.group_importance import (
     DEFAULT_NORMALIZER,
     ParameterScoreImportance,
     StaleScoresError,
-    group_scores,
     head_scores,
 )
+from oba.prune import group_scores
 
 
 # ----------------------------------------------------------------------------- models
@@ -296,6 +296,34 @@ def test_group_reductions_normalizers_and_group_scores():
     table = group_scores(model, torch.randn(CNN_INPUT), scores)
     assert set(table) == {"0", "3", "8"}
     torch.testing.assert_close(table["0"], raw)
+
+
+def test_group_scores_are_the_pruners_groups_where_torch_pruning_cannot_map_channels():
+    """ShuffleNetV2's channel shuffle breaks Torch-Pruning's index mapping (a plain ``build_dependency`` raises):
+    ``group_scores`` traces as the pruner does, leaves out the layers the shuffle couples (with a warning) and
+    scores the groups inside the branches like any other group."""
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    example = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ZeroDivisionError):
+        tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    scores = {n: p.detach().abs() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="cannot prune through"):
+        table = group_scores(model, example, scores, ignored_layers=[model.fc])
+    assert "stage4.0.branch2.5" not in table  # its output reaches the shuffle: kept whole
+    # channel c of a block's inner group: conv 0's filter, BN 1, the depthwise conv 3's filter (the root), BN 4 and
+    # input column c of conv 5
+    b = "stage2.0.branch2."
+    expected = (
+        scores[b + "0.weight"].sum((1, 2, 3))
+        + scores[b + "1.weight"]
+        + scores[b + "1.bias"]
+        + scores[b + "3.weight"].sum((1, 2, 3))
+        + scores[b + "4.weight"]
+        + scores[b + "4.bias"]
+        + scores[b + "5.weight"].sum((0, 2, 3))
+    )
+    torch.testing.assert_close(table[b + "3"], expected)
+    assert len(table) == 18  # the stem, conv5 and every block's inner group
 
 
 # ---------------------------------------------- 4. drives MetaPruner unchanged
