@@ -528,7 +528,8 @@ def group_scores(
     Returns:
         ``{root module name: Tensor[out channels of the root]}``.
     """
-    ctx, _ = _context(model, example_inputs, list(ignored_layers), root_module_types, None, 1.0, True)
+    with modes_restored(model):  # Torch-Pruning switches the model to eval for its trace
+        ctx, _ = _context(model, example_inputs, list(ignored_layers), root_module_types, None, 1.0, True)
     importance = ParameterScoreImportance(model, scores, **{"normalizer": None, **importance_kwargs})
     result: dict[str, Tensor] = {}
     for group in ctx.traced_groups:

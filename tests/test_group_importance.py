@@ -307,8 +307,11 @@ def test_group_scores_are_the_pruners_groups_where_torch_pruning_cannot_map_chan
     with pytest.raises(ZeroDivisionError):
         tp.DependencyGraph().build_dependency(model, example_inputs=example)
     scores = {n: p.detach().abs() for n, p in model.named_parameters()}
+    model.train()
+    before = copy.deepcopy(model.state_dict())
     with pytest.warns(UserWarning, match="cannot prune through"):
         table = group_scores(model, example, scores, ignored_layers=[model.fc])
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
     assert "stage4.0.branch2.5" not in table  # its output reaches the shuffle: kept whole
     # channel c of a block's inner group: conv 0's filter, BN 1, the depthwise conv 3's filter (the root), BN 4 and
     # input column c of conv 5
