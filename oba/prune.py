@@ -429,9 +429,8 @@ def _run(
         macs = measure.macs() if target.kind == "flops" else {}
         removed = prune_step(ctx, imp, step_target, measure.kept, round_to, macs)
         record = {"step": step, "target": step_target, "removed": removed, **measure.record()}
-        late = getattr(
-            imp, "scoring_seconds", 0.0
-        )  # scoring an importance did once shown the groups (oba.block_taylor)
+        # scoring an importance did once shown the groups (oba.block_taylor), inside prune_step's time
+        late = getattr(imp, "scoring_seconds", 0.0)
         record.update(score_seconds=scored - start + late, prune_seconds=time.perf_counter() - scored - late)
         history.append(record)
         if on_step is not None:
